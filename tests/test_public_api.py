@@ -1,0 +1,78 @@
+"""The package root is the contract: nothing becomes public by accident."""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+
+import hospital_bulk
+
+EXPECTED = [
+    "AmbiguousOutcomeError",
+    "BatchActivation",
+    "BatchAlreadyActiveError",
+    "BatchDeletion",
+    "BatchFullError",
+    "BatchNotFoundError",
+    "CSVSourceError",
+    "CSVValidationError",
+    "ConfigurationError",
+    "ContractError",
+    "Hospital",
+    "HospitalBulkError",
+    "HospitalCreate",
+    "HospitalDirectoryClient",
+    "HospitalNotFoundError",
+    "HospitalRow",
+    "HospitalUpdate",
+    "IssueCode",
+    "Outcome",
+    "RateLimitedError",
+    "RejectedError",
+    "RequestNotSentError",
+    "UpstreamError",
+    "UpstreamValidationError",
+    "ValidationIssue",
+    "ValidationReport",
+    "validate_csv",
+]
+
+
+def test_all_is_pinned_and_sorted():
+    assert hospital_bulk.__all__ == EXPECTED
+    assert sorted(hospital_bulk.__all__) == hospital_bulk.__all__
+
+
+def test_every_exported_name_exists_and_claims_the_package():
+    for name in hospital_bulk.__all__:
+        member = getattr(hospital_bulk, name)
+        assert member.__module__.startswith("hospital_bulk"), name
+        assert member.__doc__, f"{name} has no docstring"
+
+
+def test_every_public_module_level_name_is_exported():
+    public = {
+        name
+        for name, value in vars(hospital_bulk).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)  # submodules such as `testing`
+        and name != "annotations"
+    }
+    assert public == set(EXPECTED)
+
+
+def test_every_error_derives_from_the_base():
+    for name in EXPECTED:
+        member = getattr(hospital_bulk, name)
+        if isinstance(member, type) and issubclass(member, Exception):
+            assert issubclass(member, hospital_bulk.HospitalBulkError), name
+
+
+def test_version_is_a_version_string():
+    assert re.match(r"^\d+\.\d+", hospital_bulk.__version__)
+
+
+def test_library_logger_has_a_null_handler_and_no_other():
+    handlers = logging.getLogger("hospital_bulk").handlers
+    assert [type(h) for h in handlers] == [logging.NullHandler]

@@ -41,6 +41,7 @@ async def _load(rows: list[HospitalRow], latency: float) -> None:
     started = time.perf_counter()
     done = 0
     results: dict[int, str] = {}
+    live = sys.stdout.isatty()  # redraw one progress line on a terminal, else print lines
     async with HospitalDirectoryClient("http://fake.local", transport=fake.transport()) as api:
 
         async def create(row: HospitalRow) -> None:
@@ -54,13 +55,17 @@ async def _load(rows: list[HospitalRow], latency: float) -> None:
             except HospitalBulkError as exc:
                 results[row.row] = f"failed: {exc}"
             done += 1
-            print(f"\r  progress: {done}/{len(rows)} created", end="", flush=True)
+            if live:
+                print(f"\r  progress: {done}/{len(rows)} created", end="", flush=True)
+            elif done == len(rows) or done % 5 == 0:
+                print(f"  progress: {done}/{len(rows)} created", flush=True)
 
         print(f"creating {len(rows)} hospital(s) in batch {batch_id} (fake upstream)")
         async with anyio.create_task_group() as tg:
             for row in rows:
                 tg.start_soon(create, row)
-        print()
+        if live:
+            print()
         activation = await api.activate_batch(batch_id)
         stored = await api.list_batch(batch_id)
     elapsed = time.perf_counter() - started

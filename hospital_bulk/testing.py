@@ -80,27 +80,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the random faults")
     parser.add_argument("--no-rate-limits", action="store_true", help="disable every rate limit")
-    parser.add_argument(
-        "--create-rate",
-        type=_rate,
-        metavar="N/SECONDS",
-        default=(30, 60.0),
-        help="COUNT/SECONDS (30/60)",
-    )
-    parser.add_argument(
-        "--other-rate",
-        type=_rate,
-        metavar="N/SECONDS",
-        default=(50, 60.0),
-        help="COUNT/SECONDS (50/60)",
-    )
-    parser.add_argument(
-        "--root-rate",
-        type=_rate,
-        metavar="N/SECONDS",
-        default=(100, 60.0),
-        help="COUNT/SECONDS (100/60)",
-    )
+    for name, default in (("create", (30, 60.0)), ("other", (50, 60.0)), ("root", (100, 60.0))):
+        parser.add_argument(
+            f"--{name}-rate",
+            type=_rate,
+            metavar="N/SECONDS",
+            default=default,
+            help=f"COUNT/SECONDS ({default[0]}/{default[1]:g})",
+        )
     parser.add_argument("--batch-cap", type=int, default=20, help="hospitals per batch (20)")
     parser.add_argument(
         "--max-hospitals", type=int, default=10_000, help="storage size, oldest dropped (10000)"

@@ -144,6 +144,8 @@ class Fault(str, enum.Enum):
         RATE_LIMIT: A spurious 429 with the contract's body, not counted against any window.
         DOWN: Nothing reaches the service: in process a `httpx.ConnectError`; served, the
             hosting proxy's 502 page.
+        REJECT: The service refuses the request with a 422 in FastAPI's shape (nothing stored,
+            not counted), as it would a body it cannot accept. Scripted only (`inject`).
     """
 
     ERROR = "error"
@@ -151,6 +153,7 @@ class Fault(str, enum.Enum):
     RESET_AFTER_COMMIT = "reset_after_commit"
     RATE_LIMIT = "rate_limit"
     DOWN = "down"
+    REJECT = "reject"
 
     def __str__(self) -> str:
         return self.value
@@ -951,6 +954,14 @@ class FakeDirectory:
             return _Reply(502, [], delivery=_Delivery.REFUSE, entry=entry)
         if fault is Fault.ERROR:
             return _with_entry(_proxy_reply(503), entry)
+        if fault is Fault.REJECT:
+            item = {
+                "type": "value_error",
+                "loc": ["body"],
+                "msg": "Value error, refused by the fake upstream (Fault.REJECT)",
+                "input": _log_body(req.body),
+            }
+            return _with_entry(_json_reply(422, {"detail": [item]}), entry)
         if fault is Fault.RATE_LIMIT:
             kind = route.kind if route else "other"
             amount, seconds = self._rates[kind] or _CONTRACT_RATES[kind]

@@ -1229,5 +1229,20 @@ def test_public_surface() -> None:
         "reset_after_commit",
         "rate_limit",
         "down",
+        "reject",
     }
     assert sys.modules["hospital_bulk.testing"] is testing
+
+
+async def test_injected_reject_is_a_fastapi_422_that_stores_and_counts_nothing():
+    fake = FakeDirectory(create_rate=(1, 60.0))
+    fake.inject(Fault.REJECT)
+    async with httpx.AsyncClient(transport=fake.transport(), base_url="http://fake") as client:
+        refused = await client.post("/hospitals/", json={"name": "A", "address": "B"})
+        accepted = await client.post("/hospitals/", json={"name": "A", "address": "B"})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body"]
+    assert accepted.status_code == 200  # the refused create did not use the budget of 1
+    assert [h.name for h in fake.hospitals] == ["A"]
+    assert fake.requests[0].fault == "reject"
+    assert fake.requests[0].committed is False

@@ -1,0 +1,325 @@
+"""Tests of `parse_rate` and `MemoryRateLimiter`, on a fake clock (nothing sleeps for real)."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import anyio.lowlevel
+import limits
+import pytest
+
+from hospital_bulk._exceptions import ConfigurationError
+from hospital_bulk._ratelimit import MemoryRateLimiter, parse_rate
+from hospital_bulk.protocols import RateLimiter
+
+T0 = 1_700_000_000.123
+
+
+class FakeClock:
+    """A clock whose `sleep` advances `now` instead of waiting."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, dt: float) -> None:
+        self.sleeps.append(dt)
+        self.now += dt
+        await anyio.lowlevel.checkpoint()
+
+
+def limiter_on(clock: FakeClock, **kwargs: object) -> MemoryRateLimiter:
+    return MemoryRateLimiter(clock=clock, sleep=clock.sleep, **kwargs)  # type: ignore[arg-type]
+
+
+def max_in_any_window(times: list[float], window: float) -> int:
+    """The most departures inside any half-open window ``[t, t + window)``."""
+    times = sorted(times)
+    best = 0
+    for i, start in enumerate(times):
+        count = sum(1 for t in times[i:] if t < start + window)
+        best = max(best, count)
+    return best
+
+
+# --- parse_rate -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "amount", "seconds"),
+    [
+        ("30/minute", 30, 60),
+        ("30 per minute", 30, 60),
+        ("10/6 seconds", 10, 6),
+        ("10 per 6 seconds", 10, 6),
+        ("50/minutes", 50, 60),
+        ("100 per 1 hour", 100, 3600),
+    ],
+)
+def test_parse_rate_accepts_limits_notation(text: str, amount: int, seconds: int) -> None:
+    item = parse_rate(text)
+    assert isinstance(item, limits.RateLimitItem)
+    assert (item.amount, item.get_expiry()) == (amount, seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "cannot read"),
+        ("thirty a minute", "cannot read"),
+        ("30/fortnight", "cannot read"),
+        ("-1/minute", "cannot read"),
+        ("1.5/minute", "cannot read"),
+        ("0/minute", "at least one request"),
+        ("10/0 seconds", "zero length"),
+        ("10 per 0 seconds", "zero length"),
+        ("1/second;30/minute", "names 2 rates"),
+    ],
+)
+def test_parse_rate_rejects_with_a_clear_message(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_rate(text)
+
+
+def test_parse_rate_rejects_non_strings() -> None:
+    with pytest.raises(ConfigurationError, match="must be a string"):
+        parse_rate(30)  # type: ignore[arg-type]
+
+
+# --- construction ---------------------------------------------------------------------------
+
+
+def test_defaults_and_properties() -> None:
+    limiter = MemoryRateLimiter()
+    assert isinstance(limiter, RateLimiter)
+    assert (limiter.create_rate.amount, limiter.create_rate.get_expiry()) == (30, 60)
+    assert (limiter.other_rate.amount, limiter.other_rate.get_expiry()) == (50, 60)
+    assert limiter.margin == 1.0
+    assert limiter.create_window == 61.0
+    assert limiter.other_window == 61.0
+
+
+def test_accepts_rate_items_and_zero_margin() -> None:
+    limiter = MemoryRateLimiter(limits.RateLimitItemPerSecond(5, 2), "3/minute", margin=0)
+    assert limiter.create_window == 2.0
+    assert limiter.other_window == 60.0
+
+
+@pytest.mark.parametrize("margin", [-0.1, math.nan, math.inf, "1", True])
+def test_rejects_bad_margin(margin: object) -> None:
+    with pytest.raises(ConfigurationError, match="margin"):
+        MemoryRateLimiter(margin=margin)  # type: ignore[arg-type]
+
+
+def test_bad_rate_names_its_setting() -> None:
+    with pytest.raises(ConfigurationError, match="other_rate"):
+        MemoryRateLimiter(other_rate="lots")
+    with pytest.raises(ConfigurationError, match="create_rate"):
+        MemoryRateLimiter(create_rate=limits.RateLimitItemPerMinute(0))
+
+
+@pytest.mark.anyio
+async def test_unknown_kind_is_a_configuration_error() -> None:
+    limiter = MemoryRateLimiter()
+    with pytest.raises(ConfigurationError, match="kind"):
+        await limiter.acquire("delete")  # type: ignore[arg-type]
+
+
+# --- the moving window ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_31st_create_waits_exactly_until_the_first_leaves_the_window() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock)
+    for _ in range(30):
+        await limiter.acquire("create")
+    assert clock.sleeps == []
+    assert await limiter.wait_time("create") == pytest.approx(61.0)
+
+    await limiter.acquire("create")
+    assert clock.sleeps == [pytest.approx(61.0)]  # one exact sleep, no polling
+    assert clock.now == pytest.approx(T0 + 61.0)
+
+
+@pytest.mark.anyio
+async def test_window_is_moving_not_fixed() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="3/10 seconds", margin=0)
+    departures = []
+    for gap in (0.0, 4.0, 4.0, 0.0, 0.0, 0.0):
+        clock.now += gap
+        await limiter.acquire("create")
+        departures.append(round(clock.now - T0, 6))
+    # 0, 4, 8 fill the window; then each next one waits for the oldest to leave.
+    assert departures == [0.0, 4.0, 8.0, 10.0, 14.0, 18.0]
+
+
+@pytest.mark.anyio
+async def test_margin_widens_the_window() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="2/10 seconds", margin=2.5)
+    for _ in range(3):
+        await limiter.acquire("create")
+    assert clock.now - T0 == pytest.approx(12.5)
+
+
+@pytest.mark.anyio
+async def test_creates_share_one_budget_whatever_the_path() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="2/minute", margin=0)
+    await limiter.acquire("create", "/hospitals/")
+    await limiter.acquire("create", "/elsewhere")
+    assert await limiter.wait_time("create", "/third") == pytest.approx(60.0)
+
+
+@pytest.mark.anyio
+async def test_each_other_path_has_its_own_budget() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="1/minute", other_rate="2/minute", margin=0)
+    path = "/hospitals/batch/b1"
+    await limiter.acquire("other", path)
+    await limiter.acquire("other", path)
+    assert await limiter.wait_time("other", path) == pytest.approx(60.0)
+    assert await limiter.wait_time("other", "/hospitals/batch/b2") == 0.0
+    assert await limiter.wait_time("create") == 0.0  # creates are not touched
+    await limiter.acquire("other", "/hospitals/batch/b2")
+    assert clock.sleeps == []
+
+
+@pytest.mark.anyio
+async def test_wait_time_counts_nothing() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="1/minute", margin=0)
+    for _ in range(5):
+        assert await limiter.wait_time("create") == 0.0
+    await limiter.acquire("create")
+    assert clock.sleeps == []
+
+
+@pytest.mark.anyio
+async def test_idle_path_budgets_are_forgotten() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, margin=0)
+    for i in range(100):
+        await limiter.acquire("other", f"/hospitals/batch/{i}")
+    clock.now += 61
+    await limiter.acquire("other", "/hospitals/batch/new")
+    assert list(limiter._budgets) == ["other:/hospitals/batch/new"]
+
+
+@pytest.mark.anyio
+async def test_a_clock_stepping_back_cannot_free_the_budget_early() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="2/10 seconds", margin=0)
+    await limiter.acquire("create")
+    clock.now -= 5  # e.g. an NTP step of the wall clock
+    await limiter.acquire("create")
+    clock.now += 5
+    # The second departure counts from T0 (the later of the two readings), not T0 - 5.
+    assert await limiter.wait_time("create") == pytest.approx(10.0)
+
+
+# --- pauses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_pause_delays_every_kind_and_never_shortens() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock)
+    assert await limiter.paused_until() is None
+
+    await limiter.pause(10)
+    await limiter.pause(5)  # shorter: ignored
+    assert await limiter.paused_until() == pytest.approx(T0 + 10)
+    assert await limiter.wait_time("other", "/") == pytest.approx(10)
+
+    await limiter.acquire("create")
+    assert clock.now == pytest.approx(T0 + 10)
+    assert await limiter.paused_until() is None
+    await limiter.acquire("other", "/")
+    assert clock.sleeps == [pytest.approx(10)]
+
+
+@pytest.mark.anyio
+async def test_a_pause_set_while_waiting_extends_the_wait() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="1/10 seconds", margin=0)
+    await limiter.acquire("create")
+
+    async def pausing_sleep(dt: float) -> None:
+        if not clock.sleeps:  # a 429 arrives while the first wait is under way
+            await limiter.pause(30)
+        await clock.sleep(dt)
+
+    limiter._sleep = pausing_sleep
+    await limiter.acquire("create")
+    assert clock.now == pytest.approx(T0 + 30)
+    assert clock.sleeps == [pytest.approx(10), pytest.approx(20)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seconds", [-1, math.nan, math.inf])
+async def test_pause_rejects_bad_seconds(seconds: float) -> None:
+    limiter = MemoryRateLimiter()
+    with pytest.raises(ConfigurationError, match="pause"):
+        await limiter.pause(seconds)
+
+
+# --- concurrency and cancellation -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+async def test_fifty_concurrent_acquirers_never_exceed_the_budget(margin: float) -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock, create_rate="10/minute", margin=margin)
+    returned: list[tuple[int, float]] = []
+
+    async def one(i: int) -> None:
+        await limiter.acquire("create")
+        returned.append((i, clock.now))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(one, i)
+
+    times = [t for _, t in returned]
+    assert len(times) == 50
+    assert max_in_any_window(times, 60.0) == 10
+    assert max_in_any_window(times, 60.0 + margin) == 10
+    # As fast as the budget allows: five rounds of ten, one window apart, served in order.
+    assert max(times) - T0 == pytest.approx(4 * (60.0 + margin), abs=0.01)
+    assert [i for i, _ in returned] == list(range(50))
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_wait_counts_nothing_and_frees_the_queue() -> None:
+    clock = FakeClock()
+    waiting = anyio.Event()
+
+    async def stuck_sleep(dt: float) -> None:
+        waiting.set()
+        await anyio.sleep_forever()
+
+    limiter = MemoryRateLimiter("2/minute", margin=0, clock=clock, sleep=stuck_sleep)
+    await limiter.acquire("create")
+    await limiter.acquire("create")
+
+    with anyio.fail_after(1):  # guards against a hang only
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire, "create")
+            tg.start_soon(limiter.acquire, "create")
+            await waiting.wait()
+            tg.cancel_scope.cancel()
+
+    clock.now += 60  # both earlier departures leave the window
+    limiter._sleep = clock.sleep
+    await limiter.acquire("create")
+    await limiter.acquire("create")  # two fit: the cancelled waiters took no slot
+    assert clock.sleeps == []
+    assert await limiter.wait_time("create") == pytest.approx(60.0)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import logging
 
 from ._client import HospitalDirectoryClient
+from ._config import Settings
 from ._exceptions import (
     AmbiguousOutcomeError,
     BatchAlreadyActiveError,
     BatchFullError,
     BatchNotFoundError,
+    CircuitOpenError,
     ConfigurationError,
     ContractError,
     CSVSourceError,
     CSVValidationError,
     HospitalBulkError,
     HospitalNotFoundError,
+    IdempotencyConflictError,
+    IdempotencyError,
+    IdempotencyInProgressError,
+    JobNotFoundError,
+    JobStateError,
     Outcome,
     RateLimitedError,
     RejectedError,
@@ -28,18 +35,25 @@ from ._exceptions import (
     UpstreamError,
     UpstreamValidationError,
 )
+from ._jobs import HospitalResult, JobResult, JobSnapshot, JobStatus, RowState, WaitReason
 from ._models import BatchActivation, BatchDeletion, Hospital, HospitalCreate, HospitalUpdate
+from ._processor import AsyncBulkProcessor, JobEvent
+from ._retry import RetryPolicy
+from ._sync import BulkProcessor
 from ._validation import HospitalRow, IssueCode, ValidationIssue, ValidationReport, validate_csv
 
 __all__ = [
     "AmbiguousOutcomeError",
+    "AsyncBulkProcessor",
     "BatchActivation",
     "BatchAlreadyActiveError",
     "BatchDeletion",
     "BatchFullError",
     "BatchNotFoundError",
+    "BulkProcessor",
     "CSVSourceError",
     "CSVValidationError",
+    "CircuitOpenError",
     "ConfigurationError",
     "ContractError",
     "Hospital",
@@ -47,17 +61,31 @@ __all__ = [
     "HospitalCreate",
     "HospitalDirectoryClient",
     "HospitalNotFoundError",
+    "HospitalResult",
     "HospitalRow",
     "HospitalUpdate",
+    "IdempotencyConflictError",
+    "IdempotencyError",
+    "IdempotencyInProgressError",
     "IssueCode",
+    "JobEvent",
+    "JobNotFoundError",
+    "JobResult",
+    "JobSnapshot",
+    "JobStateError",
+    "JobStatus",
     "Outcome",
     "RateLimitedError",
     "RejectedError",
     "RequestNotSentError",
+    "RetryPolicy",
+    "RowState",
+    "Settings",
     "UpstreamError",
     "UpstreamValidationError",
     "ValidationIssue",
     "ValidationReport",
+    "WaitReason",
     "validate_csv",
 ]
 

@@ -5,6 +5,12 @@ HospitalBulkError
 ├── ConfigurationError (also a ValueError)     a wrong setting or argument
 ├── CSVSourceError                             the CSV source cannot be opened or read
 ├── CSVValidationError                         a file failed validation (carries the report)
+├── JobNotFoundError                           no job has this id
+├── JobStateError                              the job cannot do that now (e.g. already running)
+├── IdempotencyError                           an Idempotency-Key cannot be used
+│   ├── IdempotencyConflictError               the key was used with another file or options
+│   └── IdempotencyInProgressError             the key's first submission is still being created
+├── CircuitOpenError                           the circuit breaker refuses calls until `retry_at`
 └── UpstreamError                              a request to the Hospital Directory API failed
     ├── RequestNotSentError                    outcome NOT_SENT: safe to retry
     ├── AmbiguousOutcomeError                  outcome AMBIGUOUS: may have been applied
@@ -39,10 +45,16 @@ __all__ = [
     "BatchNotFoundError",
     "CSVSourceError",
     "CSVValidationError",
+    "CircuitOpenError",
     "ConfigurationError",
     "ContractError",
     "HospitalBulkError",
     "HospitalNotFoundError",
+    "IdempotencyConflictError",
+    "IdempotencyError",
+    "IdempotencyInProgressError",
+    "JobNotFoundError",
+    "JobStateError",
     "Outcome",
     "RateLimitedError",
     "RejectedError",
@@ -110,6 +122,73 @@ class CSVValidationError(HospitalBulkError):
         more = len(report.errors) - 3
         suffix = f" (and {more} more)" if more > 0 else ""
         super().__init__(f"the CSV file has {len(report.errors)} error(s): {shown}{suffix}")
+
+
+class JobNotFoundError(HospitalBulkError, KeyError):
+    """No job has this id (it never existed, or it expired).
+
+    Args:
+        job_id: The id asked for.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class JobStateError(HospitalBulkError):
+    """The job cannot do what was asked in its present state (for example it is running).
+
+    Args:
+        message: What was asked and why it cannot be done.
+        job_id: The job's id.
+        status: The job's status, as a string.
+    """
+
+    def __init__(self, message: str, *, job_id: str, status: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.status = status
+
+
+class IdempotencyError(HospitalBulkError):
+    """An ``Idempotency-Key`` cannot be used for this submission.
+
+    Args:
+        message: What is wrong.
+        key: The idempotency key.
+        job_id: The job the key already stands for, when known.
+    """
+
+    def __init__(self, message: str, *, key: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.job_id = job_id
+
+
+class IdempotencyConflictError(IdempotencyError):
+    """The key was already used for another file or other options."""
+
+
+class IdempotencyInProgressError(IdempotencyError):
+    """The key's first submission is still creating its job; try again shortly."""
+
+
+class CircuitOpenError(HospitalBulkError):
+    """The circuit breaker refuses calls to the upstream for now.
+
+    Args:
+        name: The breaker's name.
+        retry_at: When a call may be tried again, in `time.time()` seconds.
+    """
+
+    def __init__(self, name: str, *, retry_at: float) -> None:
+        super().__init__(f"circuit breaker {name!r} is open")
+        self.name = name
+        self.retry_at = retry_at
 
 
 class UpstreamError(HospitalBulkError):

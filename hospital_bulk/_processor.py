@@ -1,0 +1,944 @@
+"""`AsyncBulkProcessor`: a CSV file into the Hospital Directory API, one job at a time or many.
+
+The job flow:
+
+1. Validate the file (strict by default: an invalid file creates no job and sends nothing).
+2. Create the job with its rows and batch ids, stored before the first request (through the
+   idempotency store when a key is given, atomically with the key's claim).
+3. One coalesced warm-up ``GET /`` with a long timeout.
+4. Send the rows: ``concurrency`` requests in flight at most, across every job of the
+   processor; every create waits for the rate limiter and the circuit breaker; a row is
+   recorded ``in_flight`` before its request leaves.
+5. When every row of the job exists, activate each batch, and check the answer.
+6. Report.
+
+A row's fate follows the outcome class of its create (see `Outcome`): applied -> ``created``;
+rejected -> ``rejected`` with the upstream's message; not sent or rate limited -> retried by the
+retry policy, and left ``pending`` (resumable) if it still fails; ambiguous -> ``unknown``,
+never re-sent blindly. While the circuit breaker is open, rows wait; they do not fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from os import PathLike
+from types import TracebackType
+from typing import IO, Any, Literal, TypeVar, Union
+
+import anyio
+import httpx
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ._breaker import MemoryCircuitBreaker, counts_as_failure
+from ._client import HospitalDirectoryClient
+from ._config import Settings
+from ._exceptions import (
+    AmbiguousOutcomeError,
+    BatchAlreadyActiveError,
+    BatchNotFoundError,
+    CircuitOpenError,
+    ConfigurationError,
+    CSVValidationError,
+    HospitalBulkError,
+    JobStateError,
+    RateLimitedError,
+    RejectedError,
+    RequestNotSentError,
+    UpstreamError,
+)
+from ._jobs import (
+    HospitalResult,
+    JobRecord,
+    JobResult,
+    JobRow,
+    JobSnapshot,
+    JobStatus,
+    RowState,
+    WaitReason,
+)
+from ._models import Hospital, HospitalCreate
+from ._ratelimit import MemoryRateLimiter
+from ._retry import RetryPolicy
+from ._validation import ValidationReport, validate_csv
+from .backends.memory import MemoryIdempotencyStore, MemoryJobStore
+from .protocols import CircuitBreaker, IdempotencyStore, JobStore, RateLimiter
+
+__all__ = ["AsyncBulkProcessor", "JobEvent", "ProgressCallback"]
+
+logger = logging.getLogger("hospital_bulk.processor")
+
+Source = Union[str, "PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
+RateKind = Literal["create", "other"]
+_T = TypeVar("_T")
+ProgressCallback = Callable[[JobSnapshot], Awaitable[None] | None]
+
+_SETTLED = frozenset(
+    {
+        RowState.CREATED,
+        RowState.CREATED_AND_ACTIVATED,
+        RowState.REJECTED,
+        RowState.INVALID,
+        RowState.DELETED,
+    }
+)
+_EXISTS = frozenset({RowState.CREATED, RowState.CREATED_AND_ACTIVATED})
+_RUNNING = frozenset({JobStatus.RUNNING, JobStatus.ACTIVATING})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobEvent:
+    """Something that happened to a job, for progress displays.
+
+    Attributes:
+        kind: What happened, in the past tense: ``job_started``, ``row_created``,
+            ``row_rejected``, ``row_unknown``, ``row_deferred``, ``waiting``,
+            ``batch_activated``, ``job_finished``.
+        job_id: The job's id.
+        snapshot: The job's progress right after it happened.
+        row: The data-row number concerned, if any.
+        message: A human detail (never a secret; row contents only in ``row_*`` events).
+    """
+
+    kind: str
+    job_id: str
+    snapshot: JobSnapshot
+    row: int | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """A job running in this processor."""
+
+    job: JobRecord
+    scope: anyio.CancelScope
+    started: float
+    waiting_for: WaitReason | None = None
+    waiting_until: float | None = None
+    on_progress: ProgressCallback | None = None
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+
+
+class AsyncBulkProcessor:
+    """Loads CSV files of hospitals into the Hospital Directory API, safely and fast.
+
+    Use it as an async context manager. Every method is safe to call from many tasks at once;
+    `concurrency` bounds the requests in flight across all of them.
+
+    Example:
+        ```python
+        async with AsyncBulkProcessor("http://127.0.0.1:8000") as processor:
+            result = await processor.process("hospitals.csv")
+            print(result.status, result.processed_hospitals)
+        ```
+
+    Args:
+        base_url: The upstream's URL (or give `settings`).
+        settings: All settings at once; keyword arguments override them.
+        transport: An httpx transport to send through (e.g. the fake upstream's).
+        headers: Extra headers for every request (an API key); never logged.
+        auth: An httpx authentication for every request; never logged.
+        job_store: A `JobStore` to use instead of the backend's.
+        idempotency_store: An `IdempotencyStore` to use instead of the backend's.
+        rate_limiter: A `RateLimiter` to use instead of the backend's.
+        breaker: A `CircuitBreaker` to use instead of the backend's.
+        retry: A `RetryPolicy` to use instead of one built from the settings.
+        **options: Any `Settings` field, e.g. ``create_rate="10/6 seconds"``,
+            ``concurrency=20``, ``batch_size=20``, ``timeout=30.0``.
+
+    Raises:
+        ConfigurationError: A setting is wrong, or the backend is not available.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: dict[str, str] | None = None,
+        auth: httpx.Auth | tuple[str, str] | None = None,
+        job_store: JobStore | None = None,
+        idempotency_store: IdempotencyStore | None = None,
+        rate_limiter: RateLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        retry: RetryPolicy | None = None,
+        **options: Any,
+    ) -> None:
+        if settings is None:
+            if base_url is None:
+                raise ConfigurationError("give the upstream's base_url (or settings=...)")
+            settings = Settings(base_url=base_url, **_known(options))
+        else:
+            if base_url is not None:
+                options["base_url"] = base_url
+            if options:
+                settings = settings.replace(**options)
+        self.settings = settings
+        if not settings.backend.startswith("memory://") and (
+            job_store is None or idempotency_store is None
+        ):
+            raise ConfigurationError(
+                f"backend {settings.backend!r} is not available in this version; "
+                "use 'memory://' or inject the stores"
+            )
+        jobs = job_store or MemoryJobStore(retention=settings.job_retention)
+        self._jobs: JobStore = jobs
+        if idempotency_store is None:
+            if not isinstance(jobs, MemoryJobStore):
+                raise ConfigurationError(
+                    "a custom job_store needs an idempotency_store that creates jobs in it"
+                )
+            idempotency_store = MemoryIdempotencyStore(jobs)
+        self._keys: IdempotencyStore = idempotency_store
+        self._limiter: RateLimiter = rate_limiter or MemoryRateLimiter(
+            settings.create_rate, settings.other_rate, margin=settings.rate_margin
+        )
+        self._breaker: CircuitBreaker = breaker or MemoryCircuitBreaker(
+            "hospital_api",
+            failure_threshold=settings.breaker_failure_threshold,
+            recovery_time=settings.breaker_recovery_time,
+        )
+        self._retry = retry or RetryPolicy(
+            attempts=settings.retry_attempts,
+            initial=settings.retry_initial,
+            maximum=settings.retry_max,
+        )
+        self._client = HospitalDirectoryClient(
+            settings.base_url,
+            timeout=settings.timeout,
+            connect_timeout=settings.connect_timeout,
+            headers=headers,
+            auth=auth,
+            transport=transport,
+            limits=httpx.Limits(
+                max_connections=max(settings.concurrency, 1) + 4,
+                max_keepalive_connections=max(settings.concurrency, 1) + 4,
+            ),
+        )
+        self._slots = anyio.Semaphore(settings.concurrency)
+        self._runs: dict[str, _Run] = {}
+        self._subscribers: dict[str, list[MemoryObjectSendStream[JobEvent]]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncBulkProcessor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel running jobs (they become ``cancelled``, resumable) and close the pool."""
+        for run in list(self._runs.values()):
+            run.scope.cancel()
+        for run in list(self._runs.values()):
+            await run.done.wait()
+        await self._client.aclose()
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def validate(self, source: Source) -> ValidationReport:
+        """Validate a file with the processor's limits; nothing is sent.
+
+        Args:
+            source: A path, the file's bytes, or a binary file object.
+
+        Returns:
+            The validation report.
+
+        Raises:
+            CSVSourceError: The source cannot be read.
+        """
+        settings = self.settings
+        return await anyio.to_thread.run_sync(
+            lambda: validate_csv(
+                source,
+                max_rows=settings.max_rows,
+                max_bytes=settings.max_bytes,
+                formula_policy=settings.formula_policy,
+            )
+        )
+
+    async def submit(self, source: Source, *, idempotency_key: str | None = None) -> JobSnapshot:
+        """Validate a file and create its job, without running it.
+
+        Args:
+            source: A path, the file's bytes, or a binary file object.
+            idempotency_key: With a key, the same key and the same file give the same job.
+
+        Returns:
+            The new job's snapshot (or the earlier job's, for a repeated key).
+
+        Raises:
+            CSVValidationError: The file has errors (nothing was created or sent);
+                `CSVValidationError.report` has every one.
+            IdempotencyConflictError: The key was used for another file or other options.
+            IdempotencyInProgressError: The key's first submission is still being created.
+            CSVSourceError: The source cannot be read.
+        """
+        report = await self.validate(source)
+        job = self._new_job(report, idempotency_key)
+        if idempotency_key is None:
+            await self._jobs.create(job)
+            job_id = job.job_id
+        else:
+            job_id = await self._keys.claim(
+                idempotency_key, job.fingerprint, job, ttl=self.settings.idempotency_ttl
+            )
+            if job_id != job.job_id:
+                logger.info("Idempotency key replayed: job %s", job_id)
+        logger.info(
+            "Job %s created: %d row(s) in %d batch(es)",
+            job_id,
+            len(job.rows),
+            len(job.batch_ids),
+        )
+        return await self.status(job_id)
+
+    async def run(self, job_id: str, *, on_progress: ProgressCallback | None = None) -> JobResult:
+        """Run a job until it ends: send its pending rows, then activate its batches.
+
+        A job that already ended returns its result at once, except a ``cancelled``,
+        ``failed`` or ``partially_failed`` one, which is resumed.
+
+        Args:
+            job_id: The job's id.
+            on_progress: Called with a snapshot after every change (sync or async).
+
+        Returns:
+            The job's report.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+            JobStateError: The job is already running, or was rolled back.
+        """
+        job = await self._jobs.get(job_id)
+        if job.status is JobStatus.COMPLETED:
+            return self._result(job)
+        return await self._run(job, on_progress)
+
+    async def process(
+        self,
+        source: Source,
+        *,
+        idempotency_key: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> JobResult:
+        """Validate, create and run a job: `submit` then `run`.
+
+        Args:
+            source: A path, the file's bytes, or a binary file object.
+            idempotency_key: With a key, the same key and the same file give the same job.
+            on_progress: Called with a snapshot after every change (sync or async).
+
+        Returns:
+            The job's report.
+
+        Raises:
+            CSVValidationError: The file has errors (nothing was created or sent).
+            IdempotencyConflictError: The key was used for another file or other options.
+            JobStateError: The key's job is already running here.
+        """
+        snapshot = await self.submit(source, idempotency_key=idempotency_key)
+        return await self.run(snapshot.job_id, on_progress=on_progress)
+
+    async def status(self, job_id: str) -> JobSnapshot:
+        """Return a job's progress now.
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The snapshot.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+        """
+        run = self._runs.get(job_id)
+        if run is not None:
+            return self._snapshot(run.job, run)
+        return self._snapshot(await self._jobs.get(job_id), None)
+
+    async def result(self, job_id: str) -> JobResult:
+        """Return a job's report as it stands (also while it runs).
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The report.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+        """
+        run = self._runs.get(job_id)
+        return self._result(run.job if run is not None else await self._jobs.get(job_id))
+
+    async def resume(
+        self, job_id: str, *, on_progress: ProgressCallback | None = None
+    ) -> JobResult:
+        """Run a stopped job again: only rows not yet created are sent, on the same batches.
+
+        Rejected rows are sent again (their cause may have been fixed); rows whose fate is
+        unknown are not, so no row is ever created twice.
+
+        Args:
+            job_id: The job's id.
+            on_progress: Called with a snapshot after every change (sync or async).
+
+        Returns:
+            The job's report.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+            JobStateError: The job is running, or was rolled back.
+        """
+        return await self.run(job_id, on_progress=on_progress)
+
+    async def rollback(self, job_id: str) -> JobResult:
+        """Delete the job's batches upstream (a batch already gone counts as deleted).
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The job's report, ``rolled_back``.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+            JobStateError: The job is running (cancel it first).
+            UpstreamError: A batch could not be deleted; the job is left as it was.
+        """
+        if job_id in self._runs:
+            raise JobStateError(
+                f"job {job_id} is running; cancel it before rolling it back",
+                job_id=job_id,
+                status=self._runs[job_id].job.status.value,
+            )
+        job = await self._jobs.get(job_id)
+        for batch_id in job.batch_ids:
+            path = f"/hospitals/batch/{batch_id}"
+            with contextlib.suppress(BatchNotFoundError):
+                await self._call("other", path, _bind(self._client.delete_batch, batch_id))
+            logger.info("Batch %s deleted (job %s rolled back)", batch_id, job_id)
+        for row in job.rows:
+            if row.state in _EXISTS or row.state in (RowState.UNKNOWN, RowState.IN_FLIGHT):
+                row.state = RowState.DELETED
+        job.status = JobStatus.ROLLED_BACK
+        job.activated_batches = []
+        job.finished_at = time.time()
+        await self._jobs.save_rows(job_id, job.rows)
+        await self._jobs.save_job(job)
+        return self._result(job)
+
+    async def cancel(self, job_id: str) -> JobSnapshot:
+        """Stop a job. Rows in flight become ``unknown``; the job can be resumed.
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The job's snapshot after it stopped.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+        """
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.scope.cancel()
+            await run.done.wait()
+            return await self.status(job_id)
+        job = await self._jobs.get(job_id)
+        if job.status is JobStatus.PENDING:
+            job.status = JobStatus.CANCELLED
+            job.finished_at = time.time()
+            await self._jobs.save_job(job)
+        return self._snapshot(job, None)
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """Yield the events of a job until it ends (a ``waiting``-free snapshot first).
+
+        Args:
+            job_id: The job's id.
+
+        Yields:
+            Events, starting with a ``snapshot`` event of the job as it is now.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+        """
+        snapshot = await self.status(job_id)
+        yield JobEvent("snapshot", job_id, snapshot)
+        if snapshot.status.terminal and job_id not in self._runs:
+            return
+        send, receive = anyio.create_memory_object_stream[JobEvent](1000)
+        self._subscribers.setdefault(job_id, []).append(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    yield event
+                    if event.kind == "job_finished":
+                        return
+        finally:
+            subscribers = self._subscribers.get(job_id, [])
+            if send in subscribers:
+                subscribers.remove(send)
+            send.close()
+
+    async def health(self) -> dict[str, Any]:
+        """Check the upstream, the breaker and the backend.
+
+        Returns:
+            ``{"upstream": bool, "upstream_error": str | None, "breaker": state,
+            "backend": str, "running_jobs": int}``.
+        """
+        error: str | None = None
+        try:
+            reachable = await self._client.health(timeout=self.settings.connect_timeout)
+        except UpstreamError as exc:
+            reachable, error = False, str(exc)
+        return {
+            "upstream": reachable,
+            "upstream_error": error,
+            "breaker": await self._breaker.state(),
+            "backend": self.settings.backend.split("://", 1)[0],
+            "running_jobs": len(self._runs),
+        }
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _new_job(self, report: ValidationReport, key: str | None) -> JobRecord:
+        settings = self.settings
+        invalid: dict[int, str] = {}
+        if not report.ok:
+            file_level = [issue for issue in report.errors if issue.row is None]
+            if not settings.skip_invalid_rows or file_level or not report.rows:
+                raise CSVValidationError(report)
+            for issue in report.errors:
+                if issue.row is not None:
+                    invalid.setdefault(issue.row, str(issue))
+        size = settings.batch_size
+        valid = list(report.rows)
+        batch_ids = [uuid.uuid4() for _ in range(math.ceil(len(valid) / size))]
+        rows = [
+            JobRow(
+                index=0,
+                row=r.row,
+                line=r.line,
+                name=r.name,
+                address=r.address,
+                phone=r.phone,
+                batch_id=batch_ids[position // size],
+            )
+            for position, r in enumerate(valid)
+        ]
+        for number, message in invalid.items():
+            rows.append(
+                JobRow(
+                    index=0,
+                    row=number,
+                    line=0,
+                    name="",
+                    address="",
+                    phone=None,
+                    batch_id=None,
+                    state=RowState.INVALID,
+                    error=message,
+                )
+            )
+        rows.sort(key=lambda r: r.row)
+        for index, row in enumerate(rows):
+            row.index = index
+        options = {
+            "batch_size": size,
+            "skip_invalid_rows": settings.skip_invalid_rows,
+            "formula_policy": settings.formula_policy,
+            "activate_partial": settings.activate_partial,
+        }
+        fingerprint = hashlib.sha256(
+            (report.sha256 + json.dumps(options, sort_keys=True)).encode()
+        ).hexdigest()
+        return JobRecord(
+            job_id=uuid.uuid4().hex,
+            status=JobStatus.PENDING,
+            batch_ids=batch_ids,
+            rows=rows,
+            fingerprint=fingerprint,
+            created_at=time.time(),
+            idempotency_key=key,
+            options=options,
+        )
+
+    async def _run(self, job: JobRecord, on_progress: ProgressCallback | None) -> JobResult:
+        job_id = job.job_id
+        if job_id in self._runs or job.status in _RUNNING:
+            raise JobStateError(
+                f"job {job_id} is already running", job_id=job_id, status=job.status.value
+            )
+        if job.status is JobStatus.ROLLED_BACK:
+            raise JobStateError(
+                f"job {job_id} was rolled back; submit the file again",
+                job_id=job_id,
+                status=job.status.value,
+            )
+        run = _Run(job=job, scope=anyio.CancelScope(), started=time.monotonic())
+        run.on_progress = on_progress
+        self._runs[job_id] = run
+        try:
+            with run.scope:
+                await self._execute(run)
+            if run.scope.cancelled_caught:
+                await self._stopped(run, JobStatus.CANCELLED, "cancelled")
+        except BaseException:
+            # The caller's own cancellation (or a crash): leave a resumable job behind.
+            with anyio.CancelScope(shield=True):
+                await self._stopped(run, JobStatus.CANCELLED, "interrupted")
+            raise
+        finally:
+            del self._runs[job_id]
+            run.done.set()
+        return self._result(job)
+
+    async def _execute(self, run: _Run) -> None:
+        job = run.job
+        for row in job.rows:
+            if row.state is RowState.REJECTED:
+                row.state, row.error = RowState.PENDING, None
+            elif row.state is RowState.IN_FLIGHT:
+                row.state = RowState.UNKNOWN
+                row.error = "the previous run stopped while this row was in flight"
+        job.status, job.error = JobStatus.RUNNING, None
+        job.started_at, job.finished_at = time.time(), None
+        await self._jobs.save_rows(job.job_id, job.rows)
+        await self._jobs.save_job(job)
+        await self._emit(run, "job_started")
+        logger.info("Job %s started: %d row(s)", job.job_id, len(job.rows))
+
+        try:
+            await self._warm_up(run)
+        except UpstreamError as exc:
+            await self._stopped(run, JobStatus.FAILED, f"the upstream is unreachable: {exc}")
+            return
+
+        pending = iter([r for r in job.rows if r.state is RowState.PENDING])
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self.settings.concurrency, len(job.rows)) or 1):
+                tg.start_soon(self._worker, run, pending)
+
+        missing = [r for r in job.rows if r.batch_id is not None and r.state not in _EXISTS]
+        if missing and not self.settings.activate_partial:
+            await self._stopped(
+                run,
+                JobStatus.PARTIALLY_FAILED,
+                f"{len(missing)} row(s) not created; batches left inactive "
+                "(fix the cause, then resume; or roll back)",
+            )
+            return
+        await self._activate(run)
+
+    async def _worker(self, run: _Run, pending: Iterator[JobRow]) -> None:
+        for row in pending:
+            async with self._slots:
+                await self._create(run, row)
+
+    async def _create(self, run: _Run, row: JobRow) -> None:
+        job = run.job
+        assert row.batch_id is not None
+        body = HospitalCreate(
+            name=row.name, address=row.address, phone=row.phone, creation_batch_id=row.batch_id
+        )
+
+        async def attempt() -> Hospital:
+            await self._admit(run, "create", "/hospitals/")
+            row.state = RowState.IN_FLIGHT
+            row.attempts += 1
+            await self._jobs.save_rows(job.job_id, [row])
+            try:
+                hospital = await self._client.create_hospital(body)
+            except BaseException:
+                if row.state is RowState.IN_FLIGHT:
+                    row.state = RowState.UNKNOWN
+                raise
+            return hospital
+
+        message: str | None
+        try:
+            hospital = await self._guarded(attempt, run)
+        except (RequestNotSentError, RateLimitedError) as exc:
+            row.state, row.error = RowState.PENDING, f"not sent: {exc.message}"
+            kind, message = "row_deferred", row.error
+        except RejectedError as exc:
+            row.state, row.error = RowState.REJECTED, exc.message
+            kind, message = "row_rejected", exc.message
+            logger.warning("Row %d rejected by the upstream: %s", row.row, exc.message)
+        except (AmbiguousOutcomeError, UpstreamError) as exc:
+            row.state, row.error = RowState.UNKNOWN, f"outcome unknown: {exc.message}"
+            kind, message = "row_unknown", row.error
+            logger.warning("Row %d: %s", row.row, row.error)
+        else:
+            row.state, row.error, row.hospital_id = RowState.CREATED, None, hospital.id
+            kind, message = "row_created", None
+            logger.debug("Hospital created successfully: %s (ID: %d)", row.name, hospital.id)
+        await self._jobs.save_rows(job.job_id, [row])
+        await self._emit(run, kind, row=row.row, message=message)
+
+    async def _guarded(self, attempt: Callable[[], Awaitable[_T]], run: _Run | None) -> _T:
+        """One request through the retry policy, the breaker accounting included."""
+
+        async def once() -> _T:
+            try:
+                result = await attempt()
+            except HospitalBulkError as exc:
+                if counts_as_failure(exc):
+                    await self._breaker.record_failure()
+                else:
+                    await self._breaker.record_success()
+                raise
+            await self._breaker.record_success()
+            return result
+
+        async def on_retry(error: UpstreamError, wait: float) -> None:
+            if isinstance(error, RateLimitedError):
+                logger.warning("Rate limited by the upstream: every sender waits %.1f s", wait)
+                await self._limiter.pause(wait)
+                self._waiting(run, WaitReason.RATE_LIMIT, time.time() + wait)
+
+        return await self._retry.call(once, on_retry=on_retry)
+
+    async def _admit(self, run: _Run | None, kind: RateKind, path: str) -> None:
+        """Wait for the rate limiter, then the circuit breaker; rows wait here, never fail.
+
+        The limiter comes first so that a half-open breaker's probe leaves as soon as it is
+        granted (a probe that then waited for the limiter could outlive its lease).
+        """
+        while True:
+            until = await self._limiter.paused_until()
+            if until is not None:
+                self._waiting(run, WaitReason.RATE_LIMIT, until)
+            elif isinstance(self._limiter, MemoryRateLimiter):
+                wait = await self._limiter.wait_time(kind, path)
+                if wait > 0:
+                    self._waiting(run, WaitReason.RATE_LIMIT, time.time() + wait)
+            await self._limiter.acquire(kind, path)
+            try:
+                await self._breaker.before_call()
+            except CircuitOpenError as exc:
+                self._waiting(run, WaitReason.BREAKER, exc.retry_at)
+                await self._emit(run, "waiting", message=str(exc))
+                await anyio.sleep(max(0.05, exc.retry_at - time.time()))
+                continue
+            self._waiting(run, None, None)
+            return
+
+    async def _call(
+        self,
+        kind: RateKind,
+        path: str,
+        request: Callable[[], Awaitable[_T]],
+        run: _Run | None = None,
+    ) -> _T:
+        """A request other than a create: admitted, retried, accounted."""
+
+        async def attempt() -> _T:
+            await self._admit(run, kind, path)
+            return await request()
+
+        return await self._guarded(attempt, run)
+
+    async def _warm_up(self, run: _Run) -> None:
+        self._waiting(run, WaitReason.WARM_UP, None)
+        try:
+            await self._retry.call(
+                lambda: self._client.warm_up(timeout=self.settings.warm_up_timeout)
+            )
+        finally:
+            self._waiting(run, None, None)
+
+    async def _activate(self, run: _Run) -> None:
+        job = run.job
+        job.status = JobStatus.ACTIVATING
+        await self._jobs.save_job(job)
+        problems: list[str] = []
+        for batch_id in job.batch_ids:
+            if batch_id in job.activated_batches:
+                continue
+            members = [r for r in job.rows if r.batch_id == batch_id and r.state in _EXISTS]
+            if not members:
+                continue
+            try:
+                verified = await self._activate_batch(run, batch_id, len(members))
+            except UpstreamError as exc:
+                problems.append(f"batch {batch_id}: {exc.message}")
+                continue
+            if not verified:
+                problems.append(f"batch {batch_id}: not verified active")
+                continue
+            job.activated_batches.append(batch_id)
+            for row in members:
+                row.state = RowState.CREATED_AND_ACTIVATED
+            await self._jobs.save_rows(job.job_id, members)
+            await self._jobs.save_job(job)
+            logger.info("Batch %s activated: %d hospital(s)", batch_id, len(members))
+            await self._emit(run, "batch_activated", message=str(batch_id))
+        not_done = [
+            r for r in job.rows if r.state not in (RowState.CREATED_AND_ACTIVATED, RowState.INVALID)
+        ]
+        if problems:
+            await self._stopped(run, JobStatus.PARTIALLY_FAILED, "; ".join(problems))
+        elif not_done:
+            await self._stopped(
+                run,
+                JobStatus.PARTIALLY_FAILED,
+                f"{len(not_done)} row(s) not created; the created ones were activated",
+            )
+        else:
+            await self._stopped(run, JobStatus.COMPLETED, None)
+
+    async def _activate_batch(self, run: _Run, batch_id: uuid.UUID, expected: int) -> bool:
+        path = f"/hospitals/batch/{batch_id}/activate"
+        try:
+            answer = await self._call(
+                "other", path, lambda: self._client.activate_batch(batch_id), run
+            )
+        except (BatchAlreadyActiveError, AmbiguousOutcomeError) as exc:
+            logger.info("Activation of batch %s unclear (%s): reading it back", batch_id, exc)
+        else:
+            if answer.activated_count == expected:
+                return True
+        listed = await self._call(
+            "other",
+            f"/hospitals/batch/{batch_id}",
+            lambda: self._client.list_batch(batch_id),
+            run,
+        )
+        return len(listed) >= expected and all(h.active for h in listed)
+
+    async def _stopped(self, run: _Run, status: JobStatus, error: str | None) -> None:
+        job = run.job
+        for row in job.rows:
+            if row.state is RowState.IN_FLIGHT:
+                row.state = RowState.UNKNOWN
+                row.error = "stopped while in flight"
+        now = time.time()
+        job.status, job.error, job.finished_at = status, error, now
+        job.processing_seconds += time.monotonic() - run.started
+        run.started = time.monotonic()
+        await self._jobs.save_rows(job.job_id, job.rows)
+        await self._jobs.save_job(job)
+        level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
+        logger.log(level, "Job %s %s%s", job.job_id, status.value, f": {error}" if error else "")
+        await self._emit(run, "job_finished", message=error)
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def _waiting(self, run: _Run | None, reason: WaitReason | None, until: float | None) -> None:
+        if run is not None:
+            run.waiting_for, run.waiting_until = reason, until
+
+    async def _emit(
+        self, run: _Run | None, kind: str, *, row: int | None = None, message: str | None = None
+    ) -> None:
+        if run is None:
+            return
+        job = run.job
+        subscribers = self._subscribers.get(job.job_id)
+        if run.on_progress is None and not subscribers:
+            return
+        snapshot = self._snapshot(job, run)
+        if run.on_progress is not None:
+            outcome = run.on_progress(snapshot)
+            if inspect.isawaitable(outcome):
+                await outcome
+        for send in list(subscribers or ()):
+            with contextlib.suppress(
+                anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+            ):
+                send.send_nowait(JobEvent(kind, job.job_id, snapshot, row, message))
+
+    def _snapshot(self, job: JobRecord, run: _Run | None) -> JobSnapshot:
+        counts = dict.fromkeys(RowState, 0)
+        for row in job.rows:
+            counts[row.state] += 1
+        total = len(job.rows)
+        settled = sum(counts[s] for s in _SETTLED)
+        elapsed = job.processing_seconds
+        if run is not None:
+            elapsed += time.monotonic() - run.started
+        eta: float | None = None
+        if job.status.terminal:
+            eta = 0.0
+        elif run is not None and settled and settled < total:
+            eta = elapsed / settled * (total - settled)
+        return JobSnapshot(
+            job_id=job.job_id,
+            status=job.status,
+            total_rows=total,
+            counts=counts,
+            percent=round(100.0 * settled / total, 1) if total else 100.0,
+            elapsed_seconds=round(elapsed, 3),
+            eta_seconds=None if eta is None else round(eta, 1),
+            waiting_for=run.waiting_for if run is not None else None,
+            waiting_until=run.waiting_until if run is not None else None,
+            batch_ids=list(job.batch_ids),
+            activated_batches=list(job.activated_batches),
+            idempotency_key=job.idempotency_key,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            error=job.error,
+        )
+
+    def _result(self, job: JobRecord) -> JobResult:
+        hospitals = [
+            HospitalResult(
+                row=r.row, hospital_id=r.hospital_id, name=r.name, status=r.state, error=r.error
+            )
+            for r in job.rows
+        ]
+        processed = sum(1 for r in job.rows if r.state in _EXISTS)
+        return JobResult(
+            job_id=job.job_id,
+            status=job.status,
+            batch_id=job.batch_ids[0] if job.batch_ids else None,
+            batch_ids=list(job.batch_ids),
+            total_hospitals=len(job.rows),
+            processed_hospitals=processed,
+            failed_hospitals=len(job.rows)
+            - processed
+            - sum(1 for r in job.rows if r.state is RowState.DELETED),
+            processing_time_seconds=round(job.processing_seconds, 3),
+            batch_activated=bool(job.batch_ids)
+            and set(job.batch_ids) <= set(job.activated_batches),
+            hospitals=hospitals,
+        )
+
+
+def _bind(
+    method: Callable[[uuid.UUID], Awaitable[_T]], batch_id: uuid.UUID
+) -> Callable[[], Awaitable[_T]]:
+    return lambda: method(batch_id)
+
+
+def _known(options: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(options) - names
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s): {', '.join(sorted(unknown))}; see hospital_bulk.Settings"
+        )
+    return options

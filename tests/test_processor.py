@@ -1,0 +1,397 @@
+"""AsyncBulkProcessor against the in-process fake upstream: the whole job flow.
+
+Every claim is checked at the fake (the source of truth), not only in the library's report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import anyio
+import pytest
+
+from hospital_bulk import (
+    AsyncBulkProcessor,
+    BulkProcessor,
+    ConfigurationError,
+    CSVValidationError,
+    IdempotencyConflictError,
+    JobNotFoundError,
+    JobStateError,
+    JobStatus,
+    RowState,
+    Settings,
+    WaitReason,
+)
+from hospital_bulk.testing import FakeDirectory, Fault
+
+pytestmark = pytest.mark.anyio
+
+
+def csv_bytes(rows: int, *, start: int = 1, phone: bool = True) -> bytes:
+    lines = ["name,address,phone" if phone else "name,address"]
+    for i in range(start, start + rows):
+        cells = [f"Hospital {i}", f"{i} Main Street"] + ([f"555-{i:04d}"] if phone else [])
+        lines.append(",".join(cells))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def processor(fake: FakeDirectory, **options) -> AsyncBulkProcessor:
+    options.setdefault("create_rate", "1000/minute")
+    options.setdefault("other_rate", "1000/minute")
+    return AsyncBulkProcessor("http://fake", transport=fake.transport(), **options)
+
+
+def assert_exactly_once(fake: FakeDirectory, expected_rows: int) -> None:
+    assert fake.duplicates() == [], f"duplicates at the upstream: {fake.duplicates()}"
+    assert len(fake.hospitals) == expected_rows
+
+
+@pytest.fixture
+def fake():
+    return FakeDirectory(create_rate=None, other_rate=None)
+
+
+async def test_a_45_row_file_goes_into_three_active_batches(fake):
+    async with processor(fake) as p:
+        result = await p.process(csv_bytes(45))
+    assert result.status is JobStatus.COMPLETED
+    assert len(result.batch_ids) == 3
+    assert result.batch_id == result.batch_ids[0]
+    assert result.batch_activated is True
+    assert (result.total_hospitals, result.processed_hospitals, result.failed_hospitals) == (
+        45,
+        45,
+        0,
+    )
+    assert {h.status for h in result.hospitals} == {RowState.CREATED_AND_ACTIVATED}
+    assert [h.row for h in result.hospitals] == list(range(1, 46))
+    assert_exactly_once(fake, 45)
+    sizes = sorted(len(fake.batch(b)) for b in result.batch_ids)
+    assert sizes == [5, 20, 20]
+    assert all(h.active for h in fake.hospitals)
+    by_id = {h.id: h for h in fake.hospitals}
+    for entry in result.hospitals:
+        assert by_id[entry.hospital_id].name == entry.name
+
+
+async def test_the_report_has_the_original_service_shape(fake):
+    async with processor(fake) as p:
+        result = await p.process(csv_bytes(2))
+    data = result.model_dump(mode="json")
+    assert set(data) == {
+        "job_id",
+        "status",
+        "batch_id",
+        "batch_ids",
+        "total_hospitals",
+        "processed_hospitals",
+        "failed_hospitals",
+        "processing_time_seconds",
+        "batch_activated",
+        "hospitals",
+    }
+    assert data["status"] == "completed"
+    assert data["hospitals"][0] == {
+        "row": 1,
+        "hospital_id": 1,
+        "name": "Hospital 1",
+        "status": "created_and_activated",
+        "error": None,
+    }
+    json.dumps(data)
+
+
+async def test_an_invalid_file_sends_nothing_and_reports_every_error(fake):
+    bad = b"name,address\n,1 Main St\nOk,2 Main St\n=cmd,3 Main St\n"
+    async with processor(fake) as p:
+        with pytest.raises(CSVValidationError) as info:
+            await p.process(bad)
+    errors = info.value.report.errors
+    assert [(e.code, e.row, e.line) for e in errors] == [
+        ("missing_value", 1, 2),
+        ("formula_injection", 3, 4),
+    ]
+    assert fake.requests == []
+
+
+async def test_skip_invalid_rows_loads_the_rest_and_reports_the_invalid(fake):
+    bad = b"name,address\n,1 Main St\nOk,2 Main St\n"
+    async with processor(fake, skip_invalid_rows=True) as p:
+        result = await p.process(bad)
+    assert result.status is JobStatus.COMPLETED
+    assert [(h.row, h.status) for h in result.hospitals] == [
+        (1, RowState.INVALID),
+        (2, RowState.CREATED_AND_ACTIVATED),
+    ]
+    assert "missing_value" in result.hospitals[0].error
+    assert result.failed_hospitals == 1
+    assert_exactly_once(fake, 1)
+
+
+async def test_a_rejected_row_leaves_the_batch_inactive_and_resume_finishes(fake):
+    fake.inject(Fault.REJECT)
+    async with processor(fake, concurrency=1) as p:
+        first = await p.process(csv_bytes(3))
+        assert first.status is JobStatus.PARTIALLY_FAILED
+        assert [h.status for h in first.hospitals] == [
+            RowState.REJECTED,
+            RowState.CREATED,
+            RowState.CREATED,
+        ]
+        assert "refused by the fake upstream" in first.hospitals[0].error
+        assert first.batch_activated is False
+        assert len(fake.hospitals) == 2
+        assert not any(h.active for h in fake.hospitals)
+
+        resumed = await p.resume(first.job_id)
+    assert resumed.job_id == first.job_id
+    assert resumed.status is JobStatus.COMPLETED
+    assert {h.status for h in resumed.hospitals} == {RowState.CREATED_AND_ACTIVATED}
+    assert_exactly_once(fake, 3)
+    assert all(h.active for h in fake.hospitals)
+    assert len(fake.creates()) == 4  # 3 rows + the one rejected attempt, nothing more
+
+
+async def test_activate_partial_activates_what_was_created(fake):
+    fake.inject(Fault.REJECT)
+    async with processor(fake, concurrency=1, activate_partial=True) as p:
+        result = await p.process(csv_bytes(3))
+    assert result.status is JobStatus.PARTIALLY_FAILED
+    assert [h.status for h in result.hospitals] == [
+        RowState.REJECTED,
+        RowState.CREATED_AND_ACTIVATED,
+        RowState.CREATED_AND_ACTIVATED,
+    ]
+    assert all(h.active for h in fake.hospitals)
+
+
+async def test_an_ambiguous_create_is_unknown_and_never_sent_again(fake):
+    fake.inject(Fault.TIMEOUT_AFTER_COMMIT)
+    async with processor(fake, concurrency=1) as p:
+        first = await p.process(csv_bytes(3))
+        assert first.status is JobStatus.PARTIALLY_FAILED
+        assert first.hospitals[0].status is RowState.UNKNOWN
+        assert "outcome unknown" in first.hospitals[0].error
+        again = await p.resume(first.job_id)
+    assert again.status is JobStatus.PARTIALLY_FAILED
+    assert again.hospitals[0].status is RowState.UNKNOWN
+    # The hospital exists upstream (committed before the timeout) and was not sent twice.
+    assert_exactly_once(fake, 3)
+    assert len(fake.creates()) == 3
+    assert not any(h.active for h in fake.hospitals)
+
+
+async def test_rollback_deletes_the_jobs_batches(fake):
+    fake.inject(Fault.REJECT)
+    async with processor(fake) as p:
+        first = await p.process(csv_bytes(25))
+        assert first.status is JobStatus.PARTIALLY_FAILED
+        rolled = await p.rollback(first.job_id)
+        assert rolled.status is JobStatus.ROLLED_BACK
+        assert fake.hospitals == []
+        assert {h.status for h in rolled.hospitals} <= {RowState.DELETED, RowState.REJECTED}
+        again = await p.rollback(first.job_id)  # every batch already gone: still fine
+        assert again.status is JobStatus.ROLLED_BACK
+        with pytest.raises(JobStateError):
+            await p.resume(first.job_id)
+
+
+async def test_same_idempotency_key_same_file_is_the_same_job(fake):
+    async with processor(fake) as p:
+        one = await p.submit(csv_bytes(3), idempotency_key="key-1")
+        two = await p.submit(io.BytesIO(csv_bytes(3)), idempotency_key="key-1")
+        assert one.job_id == two.job_id
+        result = await p.run(one.job_id)
+        replay = await p.process(csv_bytes(3), idempotency_key="key-1")
+        with pytest.raises(IdempotencyConflictError) as info:
+            await p.submit(csv_bytes(4), idempotency_key="key-1")
+    assert replay.job_id == one.job_id
+    assert replay.status is JobStatus.COMPLETED
+    assert result.status is JobStatus.COMPLETED
+    assert info.value.key == "key-1"
+    assert_exactly_once(fake, 3)
+
+
+async def test_rows_of_a_batch_go_out_together(fake):
+    slow = FakeDirectory(create_latency=0.05, create_rate=None, other_rate=None)
+    async with processor(slow, concurrency=20) as p:
+        result = await p.process(csv_bytes(20))
+    assert result.status is JobStatus.COMPLETED
+    assert slow.peak_creates_in_flight == 20
+
+
+async def test_concurrency_bounds_requests_in_flight():
+    slow = FakeDirectory(create_latency=0.02, create_rate=None, other_rate=None)
+    async with processor(slow, concurrency=4) as p, anyio.create_task_group() as tg:
+        for start in (1, 101):
+            tg.start_soon(p.process, csv_bytes(10, start=start))
+    assert slow.peak_creates_in_flight == 4
+    assert_exactly_once(slow, 20)
+
+
+async def test_a_429_pauses_and_retries_without_losing_or_duplicating(fake):
+    limited = FakeDirectory(create_rate=(3, 1.0), other_rate=None)
+    async with processor(limited, create_rate="1000/minute") as p:
+        result = await p.process(csv_bytes(5))
+    assert result.status is JobStatus.COMPLETED
+    assert_exactly_once(limited, 5)
+    assert any(r.status == 429 for r in limited.requests)
+
+
+async def test_while_the_breaker_is_open_rows_wait_and_do_not_fail(fake):
+    fake.inject(Fault.DOWN, times=3)
+    snapshots = []
+    async with processor(
+        fake,
+        concurrency=1,
+        breaker_failure_threshold=2,
+        breaker_recovery_time=0.2,
+        retry_attempts=2,
+        retry_initial=0.01,
+    ) as p:
+        result = await p.process(csv_bytes(2), on_progress=snapshots.append)
+        if result.status is not JobStatus.COMPLETED:
+            result = await p.resume(result.job_id)
+    assert result.status is JobStatus.COMPLETED
+    assert_exactly_once(fake, 2)
+    assert any(s.waiting_for is WaitReason.BREAKER for s in snapshots)
+
+
+async def test_progress_snapshots_and_events(fake):
+    seen = []
+    async with processor(fake) as p:
+        submitted = await p.submit(csv_bytes(5))
+        assert submitted.status is JobStatus.PENDING
+        assert submitted.counts[RowState.PENDING] == 5
+
+        events = []
+
+        async def listen():
+            async for event in p.events(submitted.job_id):
+                events.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            await anyio.sleep(0.01)
+            await p.run(submitted.job_id, on_progress=seen.append)
+        final = await p.status(submitted.job_id)
+    percents = [s.percent for s in seen]
+    assert percents == sorted(percents)
+    assert percents[-1] == 100.0
+    assert final.status is JobStatus.COMPLETED
+    assert final.counts[RowState.CREATED_AND_ACTIVATED] == 5
+    assert final.eta_seconds == 0.0
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "snapshot"
+    assert kinds.count("row_created") == 5
+    assert kinds[-1] == "job_finished"
+
+
+async def test_row_contents_are_logged_at_debug_only(fake, caplog):
+    caplog.set_level(logging.INFO, logger="hospital_bulk")
+    async with processor(fake) as p:
+        await p.process(csv_bytes(2))
+    assert "Hospital 1" not in caplog.text
+    assert "Job " in caplog.text
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="hospital_bulk")
+    async with processor(FakeDirectory(create_rate=None)) as p:
+        await p.process(csv_bytes(1))
+    assert "Hospital created successfully: Hospital 1 (ID: 1)" in caplog.text
+
+
+async def test_cancel_stops_a_job_and_it_can_be_resumed():
+    slow = FakeDirectory(create_latency=0.2, create_rate=None, other_rate=None)
+    async with processor(slow, concurrency=1) as p:
+        job = await p.submit(csv_bytes(5))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(p.run, job.job_id)
+            await anyio.sleep(0.3)
+            with pytest.raises(JobStateError):
+                await p.run(job.job_id)
+            cancelled = await p.cancel(job.job_id)
+        assert cancelled.status is JobStatus.CANCELLED
+        result = await p.resume(job.job_id)
+    # The row in flight when cancelled is unknown; the others were sent once.
+    assert result.status is JobStatus.PARTIALLY_FAILED
+    states = [h.status for h in result.hospitals]
+    assert states.count(RowState.UNKNOWN) == 1
+    assert states.count(RowState.CREATED) == 4
+    assert slow.duplicates() == []
+
+
+async def test_unknown_job_and_bad_settings(fake):
+    async with processor(fake) as p:
+        with pytest.raises(JobNotFoundError):
+            await p.status("nope")
+    for bad in (
+        {"create_rate": "lots"},
+        {"concurrency": 0},
+        {"batch_size": 21},
+        {"timeout": -1},
+        {"no_such_setting": 1},
+        {"backend": "postgres://x"},
+    ):
+        with pytest.raises(ConfigurationError):
+            AsyncBulkProcessor("http://fake", **bad)
+    with pytest.raises(ConfigurationError):
+        AsyncBulkProcessor()
+
+
+def test_settings_from_env():
+    env = {
+        "HOSPITAL_API_BASE_URL": "http://directory:8000",
+        "RATE_LIMIT_REQUESTS": "10",
+        "RATE_LIMIT_PERIOD": "6",
+        "RETRY_MAX_ATTEMPTS": "7",
+        "CIRCUIT_BREAKER_FAILURE_THRESHOLD": "3",
+        "CIRCUIT_BREAKER_RECOVERY_TIMEOUT": "12.5",
+    }
+    settings = Settings.from_env(env, concurrency=5)
+    assert settings.base_url == "http://directory:8000"
+    assert settings.create_rate == "10/6 seconds"
+    assert (settings.retry_attempts, settings.breaker_failure_threshold) == (7, 3)
+    assert settings.breaker_recovery_time == 12.5
+    assert settings.concurrency == 5
+    with pytest.raises(ConfigurationError, match="HOSPITAL_API_BASE_URL"):
+        Settings.from_env({})
+    with pytest.raises(ConfigurationError, match="RETRY_MAX_ATTEMPTS"):
+        Settings.from_env({"HOSPITAL_API_BASE_URL": "http://x", "RETRY_MAX_ATTEMPTS": "many"})
+
+
+async def test_health(fake):
+    async with processor(fake) as p:
+        health = await p.health()
+    assert health["upstream"] is True
+    assert health["breaker"] == "closed"
+    assert health["backend"] == "memory"
+
+
+async def test_the_sync_facade_works_inside_a_running_event_loop(fake):
+    # This test body runs inside an event loop, as a notebook cell does.
+    with BulkProcessor(
+        "http://fake",
+        transport=fake.transport(),
+        create_rate="1000/minute",
+        other_rate="1000/minute",
+    ) as p:
+        seen = []
+        result = p.process(csv_bytes(3), on_progress=seen.append)
+        assert p.status(result.job_id).status is JobStatus.COMPLETED
+        assert p.validate(csv_bytes(1)).ok
+    assert result.status is JobStatus.COMPLETED
+    assert seen[-1].percent == 100.0
+    assert_exactly_once(fake, 3)
+
+
+def test_the_sync_facade_from_plain_code(fake):
+    with BulkProcessor("http://fake", transport=fake.transport(), create_rate="1000/minute") as p:
+        job = p.submit(csv_bytes(2), idempotency_key="k")
+        result = p.run(job.job_id)
+        events = list(p.events(job.job_id))
+    assert result.status is JobStatus.COMPLETED
+    assert events[0].kind == "snapshot"
+    assert_exactly_once(fake, 2)

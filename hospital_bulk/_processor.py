@@ -341,6 +341,9 @@ class AsyncBulkProcessor:
     ) -> JobResult:
         """Validate, create and run a job: `submit` then `run`.
 
+        A repeated key whose job is running in this processor waits for that job and returns
+        its result; a job never runs twice at once.
+
         Args:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
@@ -352,9 +355,13 @@ class AsyncBulkProcessor:
         Raises:
             CSVValidationError: The file has errors (nothing was created or sent).
             IdempotencyConflictError: The key was used for another file or other options.
-            JobStateError: The key's job is already running here.
         """
         snapshot = await self.submit(source, idempotency_key=idempotency_key)
+        running = self._runs.get(snapshot.job_id)
+        if running is not None:
+            # A repeated submission of a job running here: wait for it, do not run it twice.
+            await running.done.wait()
+            return await self.result(snapshot.job_id)
         return await self.run(snapshot.job_id, on_progress=on_progress)
 
     async def status(self, job_id: str) -> JobSnapshot:
@@ -669,12 +676,13 @@ class AsyncBulkProcessor:
             row.attempts += 1
             await self._jobs.save_rows(job.job_id, [row])
             try:
-                hospital = await self._client.create_hospital(body)
-            except BaseException:
-                if row.state is RowState.IN_FLIGHT:
-                    row.state = RowState.UNKNOWN
+                return await self._client.create_hospital(body)
+            except (RequestNotSentError, RateLimitedError, RejectedError):
+                row.state = RowState.PENDING  # nothing happened upstream
                 raise
-            return hospital
+            except BaseException:
+                row.state = RowState.UNKNOWN  # it may exist upstream now
+                raise
 
         message: str | None
         try:

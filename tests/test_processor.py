@@ -395,3 +395,19 @@ def test_the_sync_facade_from_plain_code(fake):
     assert result.status is JobStatus.COMPLETED
     assert events[0].kind == "snapshot"
     assert_exactly_once(fake, 2)
+
+
+async def test_a_repeated_key_while_its_job_runs_waits_for_it():
+    slow = FakeDirectory(create_latency=0.1, create_rate=None, other_rate=None)
+    results = []
+    async with processor(slow) as p:
+
+        async def submit_once():
+            results.append(await p.process(csv_bytes(3), idempotency_key="same"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit_once)
+            tg.start_soon(submit_once)
+    assert len({r.job_id for r in results}) == 1
+    assert {r.status for r in results} == {JobStatus.COMPLETED}
+    assert_exactly_once(slow, 3)

@@ -1,7 +1,8 @@
 """In-memory backends: the state of one process, kept in its own memory.
 
-`MemoryJobStore` implements `hospital_bulk.protocols.JobStore` and `MemoryIdempotencyStore`
-implements `hospital_bulk.protocols.IdempotencyStore`. They suit a single process (a script,
+`MemoryJobStore` implements `hospital_bulk.protocols.JobStore`, `MemoryIdempotencyStore`
+implements `hospital_bulk.protocols.IdempotencyStore`, `MemoryRateLimiter` the `RateLimiter`
+and `MemoryCircuitBreaker` the `CircuitBreaker`. They suit a single process (a script,
 a notebook, one service instance); processes that must share jobs and keys need a shared backend.
 
 How they behave:
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .._breaker import MemoryCircuitBreaker
 from .._exceptions import (
     ConfigurationError,
     IdempotencyConflictError,
@@ -45,13 +47,16 @@ from .._exceptions import (
     JobNotFoundError,
 )
 from .._jobs import JobRecord, JobRow
+from .._ratelimit import MemoryRateLimiter
 from ..protocols import IdempotencyStore, JobStore
 
 __all__ = [
     "DEFAULT_RETENTION",
     "MAX_KEY_LENGTH",
+    "MemoryCircuitBreaker",
     "MemoryIdempotencyStore",
     "MemoryJobStore",
+    "MemoryRateLimiter",
 ]
 
 DEFAULT_RETENTION: float = 7 * 24 * 3600.0

@@ -11,6 +11,7 @@ import logging
 
 import anyio
 import pytest
+from helpers import csv_bytes
 
 from hospital_bulk import (
     AsyncBulkProcessor,
@@ -28,14 +29,6 @@ from hospital_bulk import (
 from hospital_bulk.testing import FakeDirectory, Fault
 
 pytestmark = pytest.mark.anyio
-
-
-def csv_bytes(rows: int, *, start: int = 1, phone: bool = True) -> bytes:
-    lines = ["name,address,phone" if phone else "name,address"]
-    for i in range(start, start + rows):
-        cells = [f"Hospital {i}", f"{i} Main Street"] + ([f"555-{i:04d}"] if phone else [])
-        lines.append(",".join(cells))
-    return ("\n".join(lines) + "\n").encode()
 
 
 def processor(fake: FakeDirectory, **options) -> AsyncBulkProcessor:

@@ -8,6 +8,7 @@ import anyio
 import anyio.lowlevel
 import limits
 import pytest
+from helpers import max_in_any_window
 
 from hospital_bulk._exceptions import ConfigurationError
 from hospital_bulk._ratelimit import MemoryRateLimiter, parse_rate
@@ -34,16 +35,6 @@ class FakeClock:
 
 def limiter_on(clock: FakeClock, **kwargs: object) -> MemoryRateLimiter:
     return MemoryRateLimiter(clock=clock, sleep=clock.sleep, **kwargs)  # type: ignore[arg-type]
-
-
-def max_in_any_window(times: list[float], window: float) -> int:
-    """The most departures inside any half-open window ``[t, t + window)``."""
-    times = sorted(times)
-    best = 0
-    for i, start in enumerate(times):
-        count = sum(1 for t in times[i:] if t < start + window)
-        best = max(best, count)
-    return best
 
 
 # --- parse_rate -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""`python -m hospital_bulk [FILE.csv]`: the demo (see `hospital_bulk._demo`)."""
+"""``python -m hospital_bulk``: the ``hospital-bulk`` command line (see `hospital_bulk.cli`)."""
 
-from ._demo import main
+from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

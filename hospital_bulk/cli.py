@@ -1,0 +1,867 @@
+"""The ``hospital-bulk`` command line: check a CSV file, load it, or watch the demo.
+
+```text
+hospital-bulk validate FILE [--max-rows N] [--max-bytes N] [--max-errors N]
+                            [--formula-policy reject|neutralize] [--json]
+hospital-bulk process FILE [--base-url URL] [--create-rate R] [--other-rate R]
+                           [--concurrency N] [--batch-size N] [--timeout S]
+                           [--idempotency-key K] [--skip-invalid-rows] [--activate-partial]
+                           [--json] [-v]
+hospital-bulk demo [--fast] [--json] [-v]
+```
+
+``python -m hospital_bulk`` runs the same command line. ``FILE`` may be ``-`` for standard
+input.
+
+Exit statuses: 0 success (the file is valid; the job completed); 1 the job did not complete
+(rows rejected or of unknown outcome, the upstream unreachable); 2 invalid input or settings
+(an invalid or unreadable file, a wrong option, no upstream URL; nothing was sent); 130
+interrupted.
+
+Output: results go to standard output (a table, or JSON with ``--json``); progress and errors
+go to standard error, so ``--json`` output can be piped. On a terminal the progress is a live
+bar (drawn by ``rich`` when it is installed: ``pip install "hospital-bulk[cli]"``); elsewhere
+it is a plain line at most every 5 rows or 10 % of the file, so logs stay readable. An
+expected failure is one line, ``hospital-bulk: error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import IO, Any, NoReturn, Protocol
+
+from ._config import Settings
+from ._exceptions import (
+    ConfigurationError,
+    CSVSourceError,
+    CSVValidationError,
+    HospitalBulkError,
+    IdempotencyError,
+)
+from ._jobs import JobResult, JobSnapshot, JobStatus, RowState, WaitReason
+from ._sync import BulkProcessor
+from ._validation import IssueCode, ValidationIssue, ValidationReport, validate_csv
+
+__all__ = ["main"]
+
+PROG = "hospital-bulk"
+
+EXIT_OK = 0
+EXIT_NOT_COMPLETED = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+_DEMO_URL = "http://fake-upstream.local"
+_SAMPLE = "_samples/hospitals.csv"
+_SETTLED = (
+    RowState.CREATED,
+    RowState.CREATED_AND_ACTIVATED,
+    RowState.REJECTED,
+    RowState.INVALID,
+    RowState.DELETED,
+)
+_TICK = 0.5  # seconds between polls of a running job (for what it waits for)
+_NAME_WIDTH = 40  # the longest name shown in the plain result table
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
+
+_log = logging.getLogger("hospital_bulk")
+
+
+# -- errors and output ---------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A wrong command line (argparse's complaint)."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a one-line account of the job it stopped."""
+
+
+class _CheckFailed(Exception):
+    """The demo's check at the fake upstream found a problem."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _redact(text: str) -> str:
+    """Hide the credentials of any URL in a message (``scheme://user:password@``)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def _out(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _fail(message: str, status: int) -> int:
+    _err(f"{PROG}: error: {_redact(' '.join(message.split()))}")
+    return status
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _load_rich() -> Any | None:
+    """Return rich's console, progress and table modules, or ``None`` without rich."""
+    try:
+        return types.SimpleNamespace(
+            console=importlib.import_module("rich.console"),
+            progress=importlib.import_module("rich.progress"),
+            table=importlib.import_module("rich.table"),
+        )
+    except ImportError:
+        return None
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lay out a plain-text table; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for cells in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+    lines = []
+    for cells in [list(headers), *rows]:
+        padded = [c.ljust(w) for c, w in zip(cells[:-1], widths[:-1], strict=True)] + [cells[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return lines
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _plural(count: int, word: str, words: str | None = None) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"
+
+
+def _count(issues: list[ValidationIssue], truncated: int) -> int:
+    """How many issues a list stands for: the listed ones, plus those not listed."""
+    overflow = (IssueCode.TOO_MANY_ERRORS, IssueCode.TOO_MANY_WARNINGS)
+    return sum(1 for i in issues if i.code not in overflow) + truncated
+
+
+# -- validate ------------------------------------------------------------------------------------
+
+
+def _issue_rows(report: ValidationReport) -> list[list[str]]:
+    def cells(kind: str, issue: ValidationIssue) -> list[str]:
+        return [
+            kind,
+            str(issue.code),
+            "-" if issue.row is None else str(issue.row),
+            "-" if issue.line is None else str(issue.line),
+            issue.column or "-",
+            issue.message,
+        ]
+
+    return [cells("error", i) for i in report.errors] + [
+        cells("warning", i) for i in report.warnings
+    ]
+
+
+def _print_issues(report: ValidationReport, write: Callable[[str], None]) -> None:
+    rows = _issue_rows(report)
+    if rows:
+        for line in _table(["kind", "code", "row", "line", "column", "message"], rows):
+            write(line)
+
+
+def _issue_json(issue: ValidationIssue) -> dict[str, Any]:
+    return {
+        "code": str(issue.code),
+        "row": issue.row,
+        "line": issue.line,
+        "column": issue.column,
+        "message": issue.message,
+    }
+
+
+def _report_json(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "total_rows": report.total_rows,
+        "valid_rows": report.total_rows - report.invalid_rows,
+        "invalid_rows": report.invalid_rows,
+        "errors": [_issue_json(i) for i in report.errors],
+        "warnings": [_issue_json(i) for i in report.warnings],
+        "truncated_errors": report.truncated_errors,
+        "truncated_warnings": report.truncated_warnings,
+        "bytes_read": report.bytes_read,
+        "sha256": report.sha256,
+        "encoding": report.encoding,
+    }
+
+
+def _source(path: str) -> Any:
+    """The CSV source for a FILE argument: a path, or standard input for ``-``."""
+    return sys.stdin.buffer if path == "-" else path
+
+
+def _label(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    report = validate_csv(
+        _source(args.file),
+        max_rows=args.max_rows,
+        max_bytes=args.max_bytes,
+        max_errors=args.max_errors,
+        formula_policy=args.formula_policy,
+        keep_rows=False,
+    )
+    if args.json:
+        _out(json.dumps(_report_json(report), indent=2))
+    else:
+        _print_issues(report, _out)
+        valid = report.total_rows - report.invalid_rows
+        verdict = "valid" if report.ok else "invalid"
+        _out(
+            f"{_label(args.file)}: {verdict}: {_plural(report.total_rows, 'row')} "
+            f"({valid} valid, {report.invalid_rows} invalid), "
+            f"{_plural(_count(report.errors, report.truncated_errors), 'error')}, "
+            f"{_plural(_count(report.warnings, report.truncated_warnings), 'warning')}"
+        )
+        _out(f"  {report.encoding}, {report.bytes_read} bytes, sha256 {report.sha256}")
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+def _settled(snapshot: JobSnapshot) -> int:
+    return sum(snapshot.counts.get(state, 0) for state in _SETTLED)
+
+
+def _created(snapshot: JobSnapshot) -> int:
+    return snapshot.counts.get(RowState.CREATED, 0) + snapshot.counts.get(
+        RowState.CREATED_AND_ACTIVATED, 0
+    )
+
+
+def _waiting_text(snapshot: JobSnapshot) -> str | None:
+    """What the job waits for, in words, or ``None``."""
+    reason = snapshot.waiting_for
+    if reason is None:
+        return None
+    left = ""
+    if snapshot.waiting_until is not None:
+        seconds = snapshot.waiting_until - time.time()
+        if seconds >= 0.5:
+            left = f", {seconds:.0f} s"
+    if reason is WaitReason.WARM_UP:
+        return "waiting for the upstream to wake up"
+    if reason is WaitReason.RATE_LIMIT:
+        return f"waiting for the rate limit{left}"
+    return f"waiting: circuit breaker open after upstream failures{left}"
+
+
+def _phase(snapshot: JobSnapshot) -> str:
+    if snapshot.status is JobStatus.RUNNING:
+        return "creating"
+    if snapshot.status is JobStatus.ACTIVATING:
+        return "activating"
+    if snapshot.status is JobStatus.PENDING:
+        return "starting"
+    return str(snapshot.status)
+
+
+class _Display(Protocol):
+    def update(self, snapshot: JobSnapshot) -> None: ...
+
+    def close(self, snapshot: JobSnapshot | None) -> None: ...
+
+
+class _LineDisplay:
+    """Plain progress lines for logs: at most one per 5 rows or 10 % of the job."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._shown: int | None = None
+        self._activated = 0
+        self._waiting: WaitReason | None = None
+        self._waiting_shown_at = 0.0
+
+    def _write(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def _progress_line(self, snapshot: JobSnapshot, settled: int) -> None:
+        total = snapshot.total_rows
+        percent = 100.0 * settled / total if total else 100.0
+        eta = snapshot.eta_seconds
+        eta_text = f", eta {eta:.0f} s" if eta is not None and eta >= 1 else ""
+        self._write(
+            f"progress: {settled}/{total} rows ({percent:.0f}%): "
+            f"{_created(snapshot)} created, {snapshot.counts.get(RowState.REJECTED, 0)} "
+            f"rejected, {snapshot.counts.get(RowState.UNKNOWN, 0)} unknown; "
+            f"{snapshot.elapsed_seconds:.1f} s{eta_text}"
+        )
+        self._shown = settled
+
+    def update(self, snapshot: JobSnapshot) -> None:
+        with self._lock:
+            total = snapshot.total_rows
+            settled = _settled(snapshot)
+            if self._shown is None:
+                self._write(
+                    f"job {snapshot.job_id}: {_plural(total, 'row')} in "
+                    f"{_plural(len(snapshot.batch_ids), 'batch', 'batches')}"
+                )
+                self._shown = 0
+            step = max(5, math.ceil(total / 10))
+            if settled >= self._shown + step or (settled == total and self._shown < total):
+                self._progress_line(snapshot, settled)
+            self._batches(snapshot)
+            waiting = _waiting_text(snapshot)
+            now = time.monotonic()
+            if waiting is not None and (
+                snapshot.waiting_for is not self._waiting or now - self._waiting_shown_at >= 30
+            ):
+                self._write(waiting)
+                self._waiting, self._waiting_shown_at = snapshot.waiting_for, now
+
+    def _batches(self, snapshot: JobSnapshot) -> None:
+        batches, activated = len(snapshot.batch_ids), len(snapshot.activated_batches)
+        step = max(1, math.ceil(batches / 10))
+        if activated >= self._activated + step or (activated == batches > self._activated):
+            self._write(f"batches activated: {activated}/{batches}")
+            self._activated = activated
+
+    def close(self, snapshot: JobSnapshot | None) -> None:
+        with self._lock:
+            if snapshot is not None and _settled(snapshot) != self._shown:
+                self._progress_line(snapshot, _settled(snapshot))
+            if snapshot is not None:
+                self._batches(snapshot)
+
+
+class _BarDisplay:
+    """A one-line progress bar redrawn in place, for a terminal without rich."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._drawn = 0
+        self._last = 0.0
+        self._best = 0
+
+    def _draw(self, snapshot: JobSnapshot) -> None:
+        total = snapshot.total_rows
+        self._best = max(self._best, _settled(snapshot))
+        done = min(self._best, total)
+        fraction = done / total if total else 1.0
+        width = 24
+        filled = round(width * fraction)
+        parts = [
+            f"{_phase(snapshot):<10}",
+            "[" + "#" * filled + "-" * (width - filled) + "]",
+            f"{done}/{total}",
+            f"{100 * fraction:3.0f}%",
+            f"{snapshot.elapsed_seconds:.0f} s",
+        ]
+        waiting = _waiting_text(snapshot)
+        if waiting:
+            parts.append(waiting)
+        line = "  ".join(parts)
+        columns = shutil.get_terminal_size((80, 24)).columns
+        line = line[: max(columns - 1, 20)]
+        self._stream.write("\r" + line.ljust(self._drawn))
+        self._stream.flush()
+        self._drawn = len(line)
+        self._last = time.monotonic()
+
+    def update(self, snapshot: JobSnapshot) -> None:
+        with self._lock:
+            # At most ten redraws a second; the last state is drawn by `close`.
+            if time.monotonic() - self._last >= 0.1:
+                self._draw(snapshot)
+
+    def close(self, snapshot: JobSnapshot | None) -> None:
+        with self._lock:
+            if snapshot is not None:
+                self._draw(snapshot)
+            if self._drawn:
+                self._stream.write("\n")
+                self._stream.flush()
+                self._drawn = 0
+
+
+class _RichDisplay:
+    """rich's live progress bar, for a terminal."""
+
+    def __init__(self, stream: IO[str], rich: Any) -> None:
+        columns = rich.progress
+        self._progress = columns.Progress(
+            columns.SpinnerColumn(),
+            columns.TextColumn("{task.description}"),
+            columns.BarColumn(),
+            columns.MofNCompleteColumn(),
+            columns.TaskProgressColumn(),
+            columns.TimeElapsedColumn(),
+            columns.TextColumn("{task.fields[note]}", markup=False),
+            console=rich.console.Console(file=stream),
+        )
+        self._task: Any = None
+        self._lock = threading.Lock()
+        self._best = 0
+
+    def update(self, snapshot: JobSnapshot) -> None:
+        with self._lock:
+            self._best = max(self._best, _settled(snapshot))
+            note = _waiting_text(snapshot) or ""
+            if self._task is None:
+                self._progress.start()
+                self._task = self._progress.add_task(
+                    _phase(snapshot), total=snapshot.total_rows, note=note
+                )
+            self._progress.update(
+                self._task, completed=self._best, description=_phase(snapshot), note=note
+            )
+
+    def close(self, snapshot: JobSnapshot | None) -> None:
+        with self._lock:
+            if self._task is None:
+                return
+            if snapshot is not None:
+                self._progress.update(
+                    self._task,
+                    completed=_settled(snapshot),
+                    description=_phase(snapshot),
+                    note="",
+                )
+            self._progress.stop()
+            self._task = None
+
+
+def _display(stream: IO[str]) -> _Display:
+    if not _is_terminal(stream):
+        return _LineDisplay(stream)
+    rich = _load_rich()
+    if rich is None:
+        return _BarDisplay(stream)
+    return _RichDisplay(stream, rich)
+
+
+class _Ticker:
+    """Polls a running job, so that waits (warm-up, rate limit, breaker) show as they happen."""
+
+    def __init__(self, poll: Callable[[], JobSnapshot], show: Callable[[JobSnapshot], None]):
+        self._poll = poll
+        self._show = show
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hospital-bulk-ticker", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_TICK):
+            try:
+                self._show(self._poll())
+            except Exception:  # the job ended, the processor closed: the next tick stops
+                _log.debug("progress poll failed", exc_info=True)
+
+    def __enter__(self) -> _Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- process and demo ----------------------------------------------------------------------------
+
+
+def _execute(
+    processor: BulkProcessor, source: Any, idempotency_key: str | None
+) -> tuple[JobResult, JobSnapshot]:
+    """Submit and run a job with a progress display on standard error.
+
+    Raises:
+        _Interrupted: Ctrl-C; the job was cancelled, and the message says how far it got.
+    """
+    # `submit` then `run` is `process`, with the job id known before the rows are sent.
+    snapshot = processor.submit(source, idempotency_key=idempotency_key)
+    job_id = snapshot.job_id
+    display = _display(sys.stderr)
+    try:
+        display.update(snapshot)
+        with _Ticker(lambda: processor.status(job_id), display.update):
+            result = processor.run(job_id, on_progress=display.update)
+    except KeyboardInterrupt:
+        display.close(None)
+        stopped = processor.cancel(job_id)
+        raise _Interrupted(
+            f"interrupted: job {job_id} {stopped.status} with {_created(stopped)}/"
+            f"{stopped.total_rows} rows created, {stopped.counts.get(RowState.UNKNOWN, 0)} "
+            f"unknown, {len(stopped.activated_batches)}/{len(stopped.batch_ids)} batches "
+            "activated"
+        ) from None
+    except BaseException:
+        display.close(None)
+        raise
+    final = processor.status(job_id)
+    display.close(final)
+    return result, final
+
+
+def _print_result(result: JobResult, final: JobSnapshot) -> None:
+    headers = ["row", "hospital_id", "name", "status", "error"]
+    rich = _load_rich() if _is_terminal(sys.stdout) else None
+    if rich is not None:
+        table = rich.table.Table(*headers)
+        for h in result.hospitals:
+            table.add_row(
+                str(h.row),
+                "" if h.hospital_id is None else str(h.hospital_id),
+                h.name,
+                str(h.status),
+                h.error or "",
+            )
+        # Cells are the user's data: no markup, emoji codes or highlighting applied to them.
+        console = rich.console.Console(file=sys.stdout, markup=False, emoji=False, highlight=False)
+        console.print(table)
+    else:
+        rows = [
+            [
+                str(h.row),
+                "-" if h.hospital_id is None else str(h.hospital_id),
+                _clip(h.name, _NAME_WIDTH),
+                str(h.status),
+                h.error or "",
+            ]
+            for h in result.hospitals
+        ]
+        for line in _table(headers, rows):
+            _out(line)
+    _out(
+        f"status {result.status}: {result.processed_hospitals}/{result.total_hospitals} "
+        f"processed, {result.failed_hospitals} failed, {result.processing_time_seconds:.2f} s, "
+        f"batch activated: {'yes' if result.batch_activated else 'no'}"
+    )
+    batches = ", ".join(str(b) for b in result.batch_ids) or "none"
+    _out(f"job {result.job_id}; batches: {batches}")
+    if final.error:
+        _out(f"reason: {final.error}")
+
+
+def _report(result: JobResult, final: JobSnapshot, as_json: bool) -> int:
+    if as_json:
+        _out(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        _print_result(result, final)
+    if result.status is JobStatus.COMPLETED:
+        return EXIT_OK
+    reason = f": {final.error}" if final.error else ""
+    return _fail(f"job {result.job_id} {result.status}{reason}", EXIT_NOT_COMPLETED)
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {"backend": "memory://"}
+    for option in ("base_url", "create_rate", "other_rate", "concurrency", "batch_size"):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[option] = value
+    if args.timeout is not None:
+        overrides["timeout"] = args.timeout
+    if args.skip_invalid_rows:
+        overrides["skip_invalid_rows"] = True
+    if args.activate_partial:
+        overrides["activate_partial"] = True
+    if args.base_url is None and not os.environ.get("HOSPITAL_API_BASE_URL"):
+        raise ConfigurationError(
+            "no upstream URL: pass --base-url URL or set HOSPITAL_API_BASE_URL"
+        )
+    settings = Settings.from_env(os.environ, **overrides)
+    with BulkProcessor(settings=settings) as processor:
+        result, final = _execute(processor, _source(args.file), args.idempotency_key)
+    return _report(result, final, args.json)
+
+
+def _check_fake(fake: Any, result: JobResult) -> str:
+    """Check at the fake that every row of the job exists exactly once and is active.
+
+    Returns:
+        The check's one-line summary.
+
+    Raises:
+        _CheckFailed: A row is missing, duplicated, or inactive.
+    """
+    stored = [h for batch_id in result.batch_ids for h in fake.batch(batch_id)]
+    duplicates = fake.duplicates()
+    inactive = [h for h in stored if not h.active]
+    by_id = {h.id: h for h in stored}
+    missing = [
+        h.row
+        for h in result.hospitals
+        if h.hospital_id not in by_id or by_id[h.hospital_id].name != h.name
+    ]
+    summary = (
+        f"upstream check: {_plural(len(stored), 'hospital')}, "
+        f"{len(duplicates)} duplicates, "
+        + ("all active" if not inactive else f"{len(inactive)} inactive")
+    )
+    if duplicates or inactive or missing or len(stored) != result.total_hospitals:
+        detail = f"; rows missing at the fake: {missing}" if missing else ""
+        raise _CheckFailed(summary + detail)
+    return summary
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .testing import FakeDirectory
+
+    info = _err if args.json else _out
+    latency = 0.2 if args.fast else 5.0
+    sample = resources.files("hospital_bulk").joinpath(_SAMPLE).read_bytes()
+    fake = FakeDirectory(create_latency=latency)
+    info("demo: the bundled sample CSV into a fake Hospital Directory API, in this process")
+    info(
+        f"      with the real service's limits: {latency:g} s per create, "
+        "30 creates/minute, 20 per batch"
+    )
+    with BulkProcessor(_DEMO_URL, transport=fake.transport()) as processor:
+        result, final = _execute(processor, sample, None)
+    status = _report(result, final, args.json)
+    try:
+        info(_check_fake(fake, result))
+    except _CheckFailed as exc:
+        return _fail(str(exc), EXIT_NOT_COMPLETED)
+    return status
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    import hospital_bulk
+
+    return str(hospital_bulk.__version__)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Validate CSV files of hospitals and load them into the Hospital "
+        "Directory API, safely and as fast as the upstream allows.",
+        epilog="Exit status: 0 success, 1 job not completed, 2 invalid input or settings "
+        "(nothing sent), 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    verbose = _Parser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log the library's messages to standard error (-vv: debug)",
+    )
+
+    check = commands.add_parser(
+        "validate",
+        help="check a CSV file; nothing is sent",
+        description="Check a CSV file of hospitals (name,address[,phone]) and list every "
+        "error and warning with its row, line and column. Nothing is sent. "
+        "Exit 0 when the file is valid, 2 when it is not.",
+    )
+    check.add_argument("file", metavar="FILE", help="the CSV file ('-' for standard input)")
+    check.add_argument("--max-rows", type=int, metavar="N", help="the most data rows allowed")
+    check.add_argument("--max-bytes", type=int, metavar="N", help="the largest file allowed")
+    check.add_argument(
+        "--max-errors",
+        type=int,
+        metavar="N",
+        default=1000,
+        help="list at most N errors and N warnings; the rest are counted (default 1000)",
+    )
+    check.add_argument(
+        "--formula-policy",
+        choices=["reject", "neutralize"],
+        default="reject",
+        help="cells spreadsheets run as formulas (=, @, +): an error, or kept behind a "
+        "leading ' with a warning (default reject)",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(handler=_cmd_validate)
+
+    load = commands.add_parser(
+        "process",
+        parents=[verbose],
+        help="validate a CSV file and load it into the upstream",
+        description="Validate a CSV file of hospitals, create every row upstream (in "
+        "batches of at most 20, within the rate limits), activate the batches, and print "
+        "the report. An invalid file sends nothing. Settings also come from the original "
+        "service's environment variables (HOSPITAL_API_BASE_URL, RATE_LIMIT_REQUESTS, "
+        "RATE_LIMIT_PERIOD, RETRY_MAX_ATTEMPTS, CIRCUIT_BREAKER_FAILURE_THRESHOLD, "
+        "CIRCUIT_BREAKER_RECOVERY_TIMEOUT); options win. Exit 0 when the job completed, "
+        "1 when it did not, 2 for invalid input or settings.",
+    )
+    load.add_argument("file", metavar="FILE", help="the CSV file ('-' for standard input)")
+    load.add_argument(
+        "--base-url", metavar="URL", help="the upstream's URL (default: $HOSPITAL_API_BASE_URL)"
+    )
+    load.add_argument(
+        "--create-rate",
+        metavar="RATE",
+        help="the create budget, e.g. '30/minute' or '10/6 seconds' (default 30/minute, or "
+        "$RATE_LIMIT_REQUESTS per $RATE_LIMIT_PERIOD seconds)",
+    )
+    load.add_argument(
+        "--other-rate",
+        metavar="RATE",
+        help="the budget of each other endpoint (default 50/minute)",
+    )
+    load.add_argument(
+        "--concurrency", type=int, metavar="N", help="requests in flight at most (default 20)"
+    )
+    load.add_argument(
+        "--batch-size", type=int, metavar="N", help="rows per upstream batch, 1-20 (default 20)"
+    )
+    load.add_argument(
+        "--timeout", type=float, metavar="S", help="read timeout in seconds (default 30)"
+    )
+    load.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help="a key for the job: the same key with another file is refused (jobs live in "
+        "this process's memory, so the key guards this run only)",
+    )
+    load.add_argument(
+        "--skip-invalid-rows",
+        action="store_true",
+        help="load the valid rows of a file with invalid rows (reported as invalid) instead "
+        "of refusing the file",
+    )
+    load.add_argument(
+        "--activate-partial",
+        action="store_true",
+        help="activate the batches even when some rows could not be created",
+    )
+    load.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (the original service's shape); progress stays on "
+        "standard error",
+    )
+    load.set_defaults(handler=_cmd_process)
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[verbose],
+        help="load a bundled sample into an in-process fake upstream",
+        description="Load the bundled 12-row sample into an in-process fake of the Hospital "
+        "Directory API that keeps the real service's timing (5 s per create, 30 creates a "
+        "minute, 20 hospitals per batch), then check at the fake that every row exists "
+        "exactly once and is active. Nothing leaves this machine.",
+    )
+    demo.add_argument("--fast", action="store_true", help="0.2 s per create instead of 5 s")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+class _StderrHandler(logging.Handler):
+    """Writes log records to the current ``sys.stderr`` (a live display may replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _tolerant_output() -> None:
+    """Let a report print in any terminal encoding (unencodable characters escaped)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            with contextlib.suppress(Exception):
+                reconfigure(errors="backslashreplace")
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``hospital-bulk ... | head``), drop what is left to print."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``hospital-bulk`` command line.
+
+    Args:
+        argv: The arguments, without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 the job did not complete, 2 invalid input or settings,
+        130 interrupted.
+    """
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    _tolerant_output()
+    handler: logging.Handler | None = None
+    if getattr(args, "verbose", 0):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt as exc:
+        return _fail(str(exc) or "interrupted", EXIT_INTERRUPTED)
+    except CSVValidationError as exc:
+        report = exc.report
+        _print_issues(report, _err)
+        count = _count(report.errors, report.truncated_errors)
+        return _fail(
+            f"{_label(args.file)} has {_plural(count, 'error')}; nothing was sent "
+            f"(see '{PROG} validate {args.file}')",
+            EXIT_INVALID,
+        )
+    except (ConfigurationError, CSVSourceError, IdempotencyError) as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    except HospitalBulkError as exc:
+        return _fail(str(exc), EXIT_NOT_COMPLETED)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_NOT_COMPLETED
+    finally:
+        if handler is not None:
+            _log.removeHandler(handler)
+            _log.setLevel(logging.NOTSET)

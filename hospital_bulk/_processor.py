@@ -50,8 +50,8 @@ from ._exceptions import (
     CSVValidationError,
     HospitalBulkError,
     JobStateError,
+    Outcome,
     RateLimitedError,
-    RejectedError,
     RequestNotSentError,
     UpstreamError,
 )
@@ -609,12 +609,13 @@ class AsyncBulkProcessor:
         try:
             with run.scope:
                 await self._execute(run)
-            if run.scope.cancelled_caught:
+            if run.scope.cancelled_caught and not job.status.terminal:
                 await self._stopped(run, JobStatus.CANCELLED, "cancelled")
         except BaseException:
             # The caller's own cancellation (or a crash): leave a resumable job behind.
-            with anyio.CancelScope(shield=True):
-                await self._stopped(run, JobStatus.CANCELLED, "interrupted")
+            if not job.status.terminal:
+                with anyio.CancelScope(shield=True):
+                    await self._stopped(run, JobStatus.CANCELLED, "interrupted")
             raise
         finally:
             del self._runs[job_id]
@@ -677,11 +678,12 @@ class AsyncBulkProcessor:
             await self._jobs.save_rows(job.job_id, [row])
             try:
                 return await self._client.create_hospital(body)
-            except (RequestNotSentError, RateLimitedError, RejectedError):
-                row.state = RowState.PENDING  # nothing happened upstream
+            except UpstreamError as exc:
+                nothing = exc.outcome in (Outcome.NOT_SENT, Outcome.RATE_LIMITED, Outcome.REJECTED)
+                row.state = RowState.PENDING if nothing else RowState.UNKNOWN
                 raise
             except BaseException:
-                row.state = RowState.UNKNOWN  # it may exist upstream now
+                row.state = RowState.UNKNOWN  # cancelled mid-request: it may exist upstream
                 raise
 
         message: str | None
@@ -690,14 +692,15 @@ class AsyncBulkProcessor:
         except (RequestNotSentError, RateLimitedError) as exc:
             row.state, row.error = RowState.PENDING, f"not sent: {exc.message}"
             kind, message = "row_deferred", row.error
-        except RejectedError as exc:
-            row.state, row.error = RowState.REJECTED, exc.message
-            kind, message = "row_rejected", exc.message
-            logger.warning("Row %d rejected by the upstream: %s", row.row, exc.message)
-        except (AmbiguousOutcomeError, UpstreamError) as exc:
-            row.state, row.error = RowState.UNKNOWN, f"outcome unknown: {exc.message}"
-            kind, message = "row_unknown", row.error
-            logger.warning("Row %d: %s", row.row, row.error)
+        except UpstreamError as exc:
+            if exc.outcome is Outcome.REJECTED:  # a 4xx, or a redirect: nothing was created
+                row.state, row.error = RowState.REJECTED, exc.message
+                kind, message = "row_rejected", exc.message
+                logger.warning("Row %d rejected by the upstream: %s", row.row, exc.message)
+            else:  # ambiguous: it may exist upstream now
+                row.state, row.error = RowState.UNKNOWN, f"outcome unknown: {exc.message}"
+                kind, message = "row_unknown", row.error
+                logger.warning("Row %d: %s", row.row, row.error)
         else:
             row.state, row.error, row.hospital_id = RowState.CREATED, None, hospital.id
             kind, message = "row_created", None

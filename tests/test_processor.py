@@ -404,3 +404,20 @@ async def test_a_repeated_key_while_its_job_runs_waits_for_it():
     assert len({r.job_id for r in results}) == 1
     assert {r.status for r in results} == {JobStatus.COMPLETED}
     assert_exactly_once(slow, 3)
+
+
+async def test_a_redirected_create_is_rejected_not_unknown():
+    import httpx
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/":
+            return httpx.Response(200, json={"status": "OK"})
+        return httpx.Response(307, headers={"Location": "http://fake/elsewhere/"})
+
+    async with AsyncBulkProcessor(
+        "http://fake", transport=httpx.MockTransport(upstream), create_rate="1000/minute"
+    ) as p:
+        result = await p.process(csv_bytes(1))
+    assert result.status is JobStatus.PARTIALLY_FAILED
+    assert result.hospitals[0].status is RowState.REJECTED
+    assert "redirect" in result.hospitals[0].error

@@ -52,6 +52,9 @@ class Settings:
         breaker_failure_threshold: Consecutive failures (transport errors, timeouts, 5xx)
             that open the circuit breaker.
         breaker_recovery_time: Seconds the breaker stays open before one probe.
+        reconcile_after: Seconds to wait after an ambiguous create before its batch is read
+            back, so the original request can no longer be executing upstream; ``None``
+            derives it from the read timeout (at least 10 s).
         idempotency_ttl: How long an idempotency key is kept, in seconds (at least 24 h).
         job_retention: How long finished jobs are kept, in seconds.
     """
@@ -76,6 +79,7 @@ class Settings:
     retry_max: float = 30.0
     breaker_failure_threshold: int = 5
     breaker_recovery_time: float = 30.0
+    reconcile_after: float | None = None
     idempotency_ttl: float = _DAY
     job_retention: float = 7 * _DAY
 
@@ -99,6 +103,8 @@ class Settings:
         _positive_number(self, "breaker_recovery_time", "job_retention", "retry_initial")
         if not isinstance(self.timeout, httpx.Timeout):
             _positive_number(self, "timeout")
+        if self.reconcile_after is not None:
+            _positive_number(self, "reconcile_after")
         if self.batch_size > 20:
             raise ConfigurationError(
                 f"batch_size {self.batch_size} is over the upstream's cap of 20 rows per batch"
@@ -118,6 +124,14 @@ class Settings:
             raise ConfigurationError(
                 f"backend {self.backend!r} is not known; use 'memory://' or 'redis://host:port/db'"
             )
+
+    @property
+    def reconcile_horizon(self) -> float:
+        """The safety horizon in seconds: `reconcile_after`, or derived from the read timeout."""
+        if self.reconcile_after is not None:
+            return float(self.reconcile_after)
+        read = self.timeout.read if isinstance(self.timeout, httpx.Timeout) else self.timeout
+        return max(float(read or 30.0), 10.0)
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with some settings changed (and checked again).

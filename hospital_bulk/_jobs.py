@@ -108,11 +108,14 @@ class WaitReason(str, enum.Enum):
         WARM_UP: The upstream is waking up (the first request after idleness).
         RATE_LIMIT: The client-side rate budget is spent, or a 429 paused every sender.
         BREAKER: The circuit breaker is open after upstream failures.
+        RECONCILE: Rows whose outcome is unknown wait out a safety horizon before their batch
+            is read back.
     """
 
     WARM_UP = "warm_up"
     RATE_LIMIT = "rate_limit"
     BREAKER = "breaker"
+    RECONCILE = "reconcile"
 
     def __str__(self) -> str:
         return self.value
@@ -134,6 +137,8 @@ class JobRow:
         hospital_id: The upstream's id once created.
         error: Why the row was rejected, is unknown, or is invalid.
         attempts: How many creates were sent for it.
+        sent_at: When its last create left (`time.time()` seconds), or ``None``: the
+            reconciliation waits a safety horizon after it before reading the batch back.
     """
 
     index: int
@@ -147,6 +152,7 @@ class JobRow:
     hospital_id: int | None = None
     error: str | None = None
     attempts: int = 0
+    sent_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the row as JSON-ready data."""

@@ -44,11 +44,13 @@ from ._config import Settings
 from ._exceptions import (
     AmbiguousOutcomeError,
     BatchAlreadyActiveError,
+    BatchFullError,
     BatchNotFoundError,
     CircuitOpenError,
     ConfigurationError,
     CSVValidationError,
     HospitalBulkError,
+    HospitalNotFoundError,
     JobStateError,
     Outcome,
     RateLimitedError,
@@ -79,6 +81,7 @@ logger = logging.getLogger("hospital_bulk.processor")
 Source = Union[str, "PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
 RateKind = Literal["create", "other"]
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 ProgressCallback = Callable[[JobSnapshot], Awaitable[None] | None]
 
 _SETTLED = frozenset(
@@ -91,6 +94,9 @@ _SETTLED = frozenset(
     }
 )
 _EXISTS = frozenset({RowState.CREATED, RowState.CREATED_AND_ACTIVATED})
+_AUDITED = frozenset({RowState.CREATED, RowState.UNKNOWN, RowState.PENDING})
+# Audit-and-send rounds of one run before the job gives up as partially failed.
+_MAX_ROUNDS = 5
 _RUNNING = frozenset({JobStatus.RUNNING, JobStatus.ACTIVATING})
 
 
@@ -420,6 +426,10 @@ class AsyncBulkProcessor:
     async def rollback(self, job_id: str) -> JobResult:
         """Delete the job's batches upstream (a batch already gone counts as deleted).
 
+        Safe to repeat. Rows whose outcome is unknown are waited out first (the safety
+        horizon), so a late create cannot land after its batch was deleted. The job's `error`
+        says how many hospitals were deleted.
+
         Args:
             job_id: The job's id.
 
@@ -438,11 +448,24 @@ class AsyncBulkProcessor:
                 status=self._runs[job_id].job.status.value,
             )
         job = await self._jobs.get(job_id)
+        # A create whose outcome is unknown may still land: wait it out before deleting.
+        await self._wait_horizon(None, job.rows)
+        deleted = 0
         for batch_id in job.batch_ids:
             path = f"/hospitals/batch/{batch_id}"
-            with contextlib.suppress(BatchNotFoundError):
-                await self._call("other", path, _bind(self._client.delete_batch, batch_id))
-            logger.info("Batch %s deleted (job %s rolled back)", batch_id, job_id)
+            try:
+                answer = await self._call("other", path, _bind(self._client.delete_batch, batch_id))
+            except BatchNotFoundError:
+                logger.info("Batch %s already gone (job %s rolled back)", batch_id, job_id)
+                continue
+            deleted += answer.deleted_count
+            logger.info(
+                "Batch %s deleted: %d hospital(s) (job %s rolled back)",
+                batch_id,
+                answer.deleted_count,
+                job_id,
+            )
+        job.error = f"rolled back: {deleted} hospital(s) deleted upstream"
         for row in job.rows:
             if row.state in _EXISTS or row.state in (RowState.UNKNOWN, RowState.IN_FLIGHT):
                 row.state = RowState.DELETED
@@ -643,10 +666,14 @@ class AsyncBulkProcessor:
             await self._stopped(run, JobStatus.FAILED, f"the upstream is unreachable: {exc}")
             return
 
-        pending = iter([r for r in job.rows if r.state is RowState.PENDING])
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(self.settings.concurrency, len(job.rows)) or 1):
-                tg.start_soon(self._worker, run, pending)
+        await self._send(run, [r for r in job.rows if r.state is RowState.PENDING])
+        for _ in range(_MAX_ROUNDS):
+            if await self._audit(run):
+                break
+            again = [r for r in job.rows if r.state is RowState.PENDING and r.batch_id]
+            if not again:
+                break
+            await self._send(run, again)
 
         missing = [r for r in job.rows if r.batch_id is not None and r.state not in _EXISTS]
         if missing and not self.settings.activate_partial:
@@ -658,6 +685,69 @@ class AsyncBulkProcessor:
             )
             return
         await self._activate(run)
+
+    async def _send(self, run: _Run, rows: list[JobRow]) -> None:
+        """Create rows, at most `concurrency` at once across every job of the processor."""
+        if not rows:
+            return
+        pending = iter(rows)
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self.settings.concurrency, len(rows))):
+                tg.start_soon(self._worker, run, pending)
+
+    async def _audit(self, run: _Run) -> bool:
+        """Read back every batch not yet active and make it match the job's rows.
+
+        Rows whose outcome is unknown are resolved (adopted when their hospital is there,
+        sent again when it is not), rows the upstream lost go back to ``pending``, and
+        hospitals in the batch that no row accounts for (duplicates, strangers) are deleted.
+
+        Returns:
+            True when nothing is left to send or delete.
+        """
+        job = run.job
+        clean = True
+        for batch_id in job.batch_ids:
+            if batch_id in job.activated_batches:
+                continue
+            rows = [r for r in job.rows if r.batch_id == batch_id]
+            if not any(r.state in _AUDITED for r in rows):
+                continue
+            await self._wait_horizon(run, rows)
+            path = f"/hospitals/batch/{batch_id}"
+            listed = await self._call("other", path, _bind(self._client.list_batch, batch_id), run)
+            changed, surplus = _reconcile(rows, listed)
+            for hospital in surplus:
+                with contextlib.suppress(HospitalNotFoundError):
+                    await self._call(
+                        "other",
+                        f"/hospitals/{hospital.id}",
+                        _bind(self._client.delete_hospital, hospital.id),
+                        run,
+                    )
+                logger.warning(
+                    "Batch %s held hospital %d that no row accounts for: deleted",
+                    batch_id,
+                    hospital.id,
+                )
+            if changed:
+                await self._jobs.save_rows(job.job_id, changed)
+                await self._emit(run, "batch_reconciled", message=str(batch_id))
+            if surplus or any(r.state is RowState.PENDING for r in rows):
+                clean = False
+        return clean
+
+    async def _wait_horizon(self, run: _Run | None, rows: list[JobRow]) -> None:
+        """Wait until no create of an unknown row can still be executing upstream."""
+        sent = [r.sent_at for r in rows if r.state is RowState.UNKNOWN and r.sent_at]
+        if not sent:
+            return
+        until = max(sent) + self.settings.reconcile_horizon
+        if until > time.time():
+            self._waiting(run, WaitReason.RECONCILE, until)
+            await self._emit(run, "waiting", message="reconciling rows whose outcome is unknown")
+            await anyio.sleep(until - time.time())
+            self._waiting(run, None, None)
 
     async def _worker(self, run: _Run, pending: Iterator[JobRow]) -> None:
         for row in pending:
@@ -675,6 +765,7 @@ class AsyncBulkProcessor:
             await self._admit(run, "create", "/hospitals/")
             row.state = RowState.IN_FLIGHT
             row.attempts += 1
+            row.sent_at = time.time()
             await self._jobs.save_rows(job.job_id, [row])
             try:
                 return await self._client.create_hospital(body)
@@ -691,6 +782,10 @@ class AsyncBulkProcessor:
             hospital = await self._guarded(attempt, run)
         except (RequestNotSentError, RateLimitedError) as exc:
             row.state, row.error = RowState.PENDING, f"not sent: {exc.message}"
+            kind, message = "row_deferred", row.error
+        except BatchFullError as exc:
+            # The batch holds hospitals from an earlier attempt: the audit sorts it out.
+            row.state, row.error = RowState.PENDING, f"batch full upstream: {exc.message}"
             kind, message = "row_deferred", row.error
         except UpstreamError as exc:
             if exc.outcome is Outcome.REJECTED:  # a 4xx, or a redirect: nothing was created
@@ -939,10 +1034,54 @@ class AsyncBulkProcessor:
         )
 
 
-def _bind(
-    method: Callable[[uuid.UUID], Awaitable[_T]], batch_id: uuid.UUID
-) -> Callable[[], Awaitable[_T]]:
-    return lambda: method(batch_id)
+def _bind(method: Callable[[_A], Awaitable[_T]], argument: _A) -> Callable[[], Awaitable[_T]]:
+    return lambda: method(argument)
+
+
+def _key(name: str, address: str, phone: str | None) -> tuple[str, str, str | None]:
+    return (name, address, phone or None)
+
+
+def _reconcile(rows: list[JobRow], listed: list[Hospital]) -> tuple[list[JobRow], list[Hospital]]:
+    """Match one batch's rows with what the upstream lists, as a multiset of hospitals.
+
+    Returns:
+        The rows that changed, and the listed hospitals no row accounts for.
+    """
+    by_id = {h.id: h for h in listed}
+    used: set[int] = set()
+    changed: list[JobRow] = []
+    for row in rows:
+        if row.state not in _EXISTS or row.hospital_id is None:
+            continue
+        found = by_id.get(row.hospital_id)
+        if found is not None and _key(found.name, found.address, found.phone) == _key(
+            row.name, row.address, row.phone
+        ):
+            used.add(found.id)
+            continue
+        # The upstream lost it (a restart empties its storage and restarts its ids).
+        row.state, row.hospital_id = RowState.PENDING, None
+        row.error = "no longer upstream (the upstream lost it); sent again"
+        changed.append(row)
+    free: dict[tuple[str, str, str | None], list[Hospital]] = {}
+    for hospital in sorted(listed, key=lambda h: h.id):
+        if hospital.id not in used:
+            free.setdefault(_key(hospital.name, hospital.address, hospital.phone), []).append(
+                hospital
+            )
+    for row in rows:
+        if row.state is not RowState.UNKNOWN:
+            continue
+        candidates = free.get(_key(row.name, row.address, row.phone))
+        if candidates:
+            adopted = candidates.pop(0)
+            row.state, row.hospital_id, row.error = RowState.CREATED, adopted.id, None
+        else:
+            row.state, row.error = RowState.PENDING, None
+        changed.append(row)
+    surplus = [h for group in free.values() for h in group]
+    return changed, surplus
 
 
 def _known(options: dict[str, Any]) -> dict[str, Any]:

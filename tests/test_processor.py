@@ -10,6 +10,7 @@ import json
 import logging
 
 import anyio
+import httpx
 import pytest
 from helpers import csv_bytes
 
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.anyio
 def processor(fake: FakeDirectory, **options) -> AsyncBulkProcessor:
     options.setdefault("create_rate", "1000/minute")
     options.setdefault("other_rate", "1000/minute")
+    options.setdefault("reconcile_after", 0.01)
     return AsyncBulkProcessor("http://fake", transport=fake.transport(), **options)
 
 
@@ -161,20 +163,68 @@ async def test_activate_partial_activates_what_was_created(fake):
     assert all(h.active for h in fake.hospitals)
 
 
-async def test_an_ambiguous_create_is_unknown_and_never_sent_again(fake):
+async def test_an_ambiguous_create_is_adopted_after_the_horizon_not_sent_again(fake):
     fake.inject(Fault.TIMEOUT_AFTER_COMMIT)
+    snapshots = []
+    async with processor(fake, concurrency=1, reconcile_after=0.2) as p:
+        result = await p.process(csv_bytes(3), on_progress=snapshots.append)
+    assert result.status is JobStatus.COMPLETED
+    assert {h.status for h in result.hospitals} == {RowState.CREATED_AND_ACTIVATED}
+    # The hospital committed before the timeout was adopted, never created a second time.
+    assert_exactly_once(fake, 3)
+    assert len(fake.creates()) == 3
+    assert any(s.waiting_for is WaitReason.RECONCILE for s in snapshots)
+    # The batch was read back only after the horizon, and never through GET /hospitals/.
+    sent = next(r.arrived_at for r in fake.requests if r.route == "create")
+    reads = [r.arrived_at for r in fake.requests if r.route == "batch_list"]
+    assert reads
+    assert min(reads) >= sent + 0.2
+    assert not [r for r in fake.requests if r.route == "list"]
+
+
+@pytest.mark.parametrize("fault", [Fault.ERROR, Fault.RESET_AFTER_COMMIT])
+async def test_a_5xx_or_reset_is_reconciled_into_exactly_one_hospital(fake, fault):
+    fake.inject(fault, times=2)
+    async with processor(fake, concurrency=2) as p:
+        result = await p.process(csv_bytes(4))
+    assert result.status is JobStatus.COMPLETED
+    assert_exactly_once(fake, 4)
+
+
+async def test_identical_rows_stay_two_hospitals_through_reconciliation(fake):
+    same = b"name,address\nTwin,1 Main St\nTwin,1 Main St\nOther,2 Main St\n"
+    fake.inject(Fault.TIMEOUT_AFTER_COMMIT, times=2)
+    async with processor(fake, concurrency=3) as p:
+        result = await p.process(same)
+    assert result.status is JobStatus.COMPLETED
+    assert sorted(h.name for h in fake.hospitals) == ["Other", "Twin", "Twin"]
+    assert len({h.hospital_id for h in result.hospitals}) == 3
+
+
+async def test_the_audit_deletes_hospitals_no_row_accounts_for(fake):
+    async with processor(fake) as p:
+        job = await p.submit(csv_bytes(2))
+        batch = job.batch_ids[0]
+        # A stray duplicate lands in the job's batch (an earlier, forgotten attempt).
+        async with httpx.AsyncClient(transport=fake.transport(), base_url="http://fake") as c:
+            stray = {"name": "Hospital 1", "address": "1 Main Street", "phone": "555-0001"}
+            await c.post("/hospitals/", json={**stray, "creation_batch_id": str(batch)})
+        result = await p.run(job.job_id)
+    assert result.status is JobStatus.COMPLETED
+    assert_exactly_once(fake, 2)
+    assert all(h.active for h in fake.hospitals)
+
+
+async def test_rows_the_upstream_lost_are_sent_again(fake):
+    fake.inject(Fault.REJECT)
     async with processor(fake, concurrency=1) as p:
         first = await p.process(csv_bytes(3))
         assert first.status is JobStatus.PARTIALLY_FAILED
-        assert first.hospitals[0].status is RowState.UNKNOWN
-        assert "outcome unknown" in first.hospitals[0].error
-        again = await p.resume(first.job_id)
-    assert again.status is JobStatus.PARTIALLY_FAILED
-    assert again.hospitals[0].status is RowState.UNKNOWN
-    # The hospital exists upstream (committed before the timeout) and was not sent twice.
+        fake.restart()  # the upstream loses everything and restarts its ids
+        resumed = await p.resume(first.job_id)
+    assert resumed.status is JobStatus.COMPLETED
     assert_exactly_once(fake, 3)
-    assert len(fake.creates()) == 3
-    assert not any(h.active for h in fake.hospitals)
+    assert all(h.active for h in fake.hospitals)
 
 
 async def test_rollback_deletes_the_jobs_batches(fake):
@@ -184,10 +234,14 @@ async def test_rollback_deletes_the_jobs_batches(fake):
         assert first.status is JobStatus.PARTIALLY_FAILED
         rolled = await p.rollback(first.job_id)
         assert rolled.status is JobStatus.ROLLED_BACK
+        assert (
+            await p.status(first.job_id)
+        ).error == "rolled back: 24 hospital(s) deleted upstream"
         assert fake.hospitals == []
         assert {h.status for h in rolled.hospitals} <= {RowState.DELETED, RowState.REJECTED}
         again = await p.rollback(first.job_id)  # every batch already gone: still fine
         assert again.status is JobStatus.ROLLED_BACK
+        assert (await p.status(first.job_id)).error == "rolled back: 0 hospital(s) deleted upstream"
         with pytest.raises(JobStateError):
             await p.resume(first.job_id)
 
@@ -308,12 +362,9 @@ async def test_cancel_stops_a_job_and_it_can_be_resumed():
             cancelled = await p.cancel(job.job_id)
         assert cancelled.status is JobStatus.CANCELLED
         result = await p.resume(job.job_id)
-    # The row in flight when cancelled is unknown; the others were sent once.
-    assert result.status is JobStatus.PARTIALLY_FAILED
-    states = [h.status for h in result.hospitals]
-    assert states.count(RowState.UNKNOWN) == 1
-    assert states.count(RowState.CREATED) == 4
-    assert slow.duplicates() == []
+    # The row in flight when cancelled was reconciled: found missing, sent again, once.
+    assert result.status is JobStatus.COMPLETED
+    assert_exactly_once(slow, 5)
 
 
 async def test_unknown_job_and_bad_settings(fake):
@@ -407,8 +458,6 @@ async def test_a_repeated_key_while_its_job_runs_waits_for_it():
 
 
 async def test_a_redirected_create_is_rejected_not_unknown():
-    import httpx
-
     def upstream(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/":
             return httpx.Response(200, json={"status": "OK"})

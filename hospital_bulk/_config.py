@@ -55,6 +55,9 @@ class Settings:
         reconcile_after: Seconds to wait after an ambiguous create before its batch is read
             back, so the original request can no longer be executing upstream; ``None``
             derives it from the read timeout (at least 10 s).
+        lease_ttl: How long a worker's lease on a running job lasts unless renewed (it is
+            renewed every third of that); a job whose worker died is reported
+            ``interrupted`` once it lapses.
         idempotency_ttl: How long an idempotency key is kept, in seconds (at least 24 h).
         job_retention: How long finished jobs are kept, in seconds.
     """
@@ -80,6 +83,7 @@ class Settings:
     breaker_failure_threshold: int = 5
     breaker_recovery_time: float = 30.0
     reconcile_after: float | None = None
+    lease_ttl: float = 30.0
     idempotency_ttl: float = _DAY
     job_retention: float = 7 * _DAY
 
@@ -101,6 +105,7 @@ class Settings:
         _optional_positive_int(self, "max_rows", "max_bytes")
         _positive_number(self, "connect_timeout", "warm_up_timeout", "retry_max")
         _positive_number(self, "breaker_recovery_time", "job_retention", "retry_initial")
+        _positive_number(self, "lease_ttl")
         if not isinstance(self.timeout, httpx.Timeout):
             _positive_number(self, "timeout")
         if self.reconcile_after is not None:

@@ -7,6 +7,7 @@ HospitalBulkError
 ├── CSVValidationError                         a file failed validation (carries the report)
 ├── JobNotFoundError                           no job has this id
 ├── JobStateError                              the job cannot do that now (e.g. already running)
+│   └── LeaseLostError                         another worker took the job over: stop writing
 ├── IdempotencyError                           an Idempotency-Key cannot be used
 │   ├── IdempotencyConflictError               the key was used with another file or options
 │   └── IdempotencyInProgressError             the key's first submission is still being created
@@ -55,6 +56,7 @@ __all__ = [
     "IdempotencyInProgressError",
     "JobNotFoundError",
     "JobStateError",
+    "LeaseLostError",
     "Outcome",
     "RateLimitedError",
     "RejectedError",
@@ -152,6 +154,13 @@ class JobStateError(HospitalBulkError):
         super().__init__(message)
         self.job_id = job_id
         self.status = status
+
+
+class LeaseLostError(JobStateError):
+    """This worker's lease on the job is gone (it expired and another worker took the job).
+
+    The worker must stop writing and sending for the job; the new owner carries on.
+    """
 
 
 class IdempotencyError(HospitalBulkError):

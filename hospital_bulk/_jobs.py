@@ -25,6 +25,7 @@ __all__ = [
     "JobRow",
     "JobSnapshot",
     "JobStatus",
+    "Lease",
     "RowState",
     "WaitReason",
 ]
@@ -70,6 +71,8 @@ class JobStatus(str, enum.Enum):
         FAILED: The job could not run (e.g. the upstream stayed unreachable).
         ROLLED_BACK: Its batches were deleted.
         CANCELLED: Stopped by `cancel`; resumable.
+        INTERRUPTED: Stored as running, but no worker holds its lease any more (the worker
+            died): reported so by `status`, picked up by `resume` or `recover`.
     """
 
     PENDING = "pending"
@@ -80,6 +83,7 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
 
     @property
     def terminal(self) -> bool:
@@ -97,6 +101,7 @@ _TERMINAL = frozenset(
         JobStatus.FAILED,
         JobStatus.ROLLED_BACK,
         JobStatus.CANCELLED,
+        JobStatus.INTERRUPTED,
     }
 )
 
@@ -119,6 +124,23 @@ class WaitReason(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """Who runs a job, until when, with which fencing token.
+
+    Attributes:
+        owner: The worker holding the lease (a processor's id).
+        token: The fencing token: larger than every token issued for the job before. Writes
+            carrying an older token are refused, so a worker that lost its lease cannot
+            overwrite its successor's work.
+        expires_at: When the lease lapses unless renewed (`time.time()` seconds).
+    """
+
+    owner: str
+    token: int
+    expires_at: float
 
 
 @dataclasses.dataclass(slots=True)

@@ -51,7 +51,9 @@ from ._exceptions import (
     CSVValidationError,
     HospitalBulkError,
     HospitalNotFoundError,
+    JobNotFoundError,
     JobStateError,
+    LeaseLostError,
     Outcome,
     RateLimitedError,
     RequestNotSentError,
@@ -132,6 +134,8 @@ class _Run:
     waiting_until: float | None = None
     on_progress: ProgressCallback | None = None
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    token: int | None = None
+    lost: bool = False
 
 
 class AsyncBulkProcessor:
@@ -233,6 +237,8 @@ class AsyncBulkProcessor:
         )
         self._slots = anyio.Semaphore(settings.concurrency)
         self._runs: dict[str, _Run] = {}
+        # This processor's identity as a lease owner.
+        self._owner = uuid.uuid4().hex
         self._subscribers: dict[str, list[MemoryObjectSendStream[JobEvent]]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -331,7 +337,8 @@ class AsyncBulkProcessor:
 
         Raises:
             JobNotFoundError: No job has this id.
-            JobStateError: The job is already running, or was rolled back.
+            JobStateError: The job is already running (here, or in another worker that holds
+                its lease), or was rolled back.
         """
         job = await self._jobs.get(job_id)
         if job.status is JobStatus.COMPLETED:
@@ -385,7 +392,42 @@ class AsyncBulkProcessor:
         run = self._runs.get(job_id)
         if run is not None:
             return self._snapshot(run.job, run)
-        return self._snapshot(await self._jobs.get(job_id), None)
+        return self._snapshot(await self._stored(job_id), None)
+
+    async def _stored(self, job_id: str) -> JobRecord:
+        """The stored job, reported ``interrupted`` when it claims to run but nobody does."""
+        job = await self._jobs.get(job_id)
+        if job.status in _RUNNING and await self._jobs.lease(job_id) is None:
+            job.status = JobStatus.INTERRUPTED
+        return job
+
+    async def recover(self) -> list[JobResult]:
+        """Resume every stored job whose worker died (``interrupted``), and wait for them.
+
+        Call it when a service starts, or now and then from one worker: a job another worker
+        still runs holds a live lease and is left alone.
+
+        Returns:
+            The results of the jobs it resumed.
+        """
+        interrupted = []
+        for job_id in await self._jobs.list_ids():
+            if job_id in self._runs:
+                continue
+            with contextlib.suppress(JobNotFoundError):
+                if (await self._stored(job_id)).status is JobStatus.INTERRUPTED:
+                    interrupted.append(job_id)
+        results: list[JobResult] = []
+
+        async def resume(job_id: str) -> None:
+            with contextlib.suppress(JobStateError):  # another worker got there first
+                results.append(await self.resume(job_id))
+
+        async with anyio.create_task_group() as tg:
+            for job_id in interrupted:
+                logger.warning("Job %s was interrupted: resuming it", job_id)
+                tg.start_soon(resume, job_id)
+        return results
 
     async def result(self, job_id: str) -> JobResult:
         """Return a job's report as it stands (also while it runs).
@@ -400,7 +442,7 @@ class AsyncBulkProcessor:
             JobNotFoundError: No job has this id.
         """
         run = self._runs.get(job_id)
-        return self._result(run.job if run is not None else await self._jobs.get(job_id))
+        return self._result(run.job if run is not None else await self._stored(job_id))
 
     async def resume(
         self, job_id: str, *, on_progress: ProgressCallback | None = None
@@ -448,6 +490,12 @@ class AsyncBulkProcessor:
                 status=self._runs[job_id].job.status.value,
             )
         job = await self._jobs.get(job_id)
+        if await self._jobs.lease(job_id) is not None:
+            raise JobStateError(
+                f"job {job_id} is running in another worker; cancel it there first",
+                job_id=job_id,
+                status=job.status.value,
+            )
         # A create whose outcome is unknown may still land: wait it out before deleting.
         await self._wait_horizon(None, job.rows)
         deleted = 0
@@ -616,7 +664,7 @@ class AsyncBulkProcessor:
 
     async def _run(self, job: JobRecord, on_progress: ProgressCallback | None) -> JobResult:
         job_id = job.job_id
-        if job_id in self._runs or job.status in _RUNNING:
+        if job_id in self._runs:
             raise JobStateError(
                 f"job {job_id} is already running", job_id=job_id, status=job.status.value
             )
@@ -630,20 +678,58 @@ class AsyncBulkProcessor:
         run.on_progress = on_progress
         self._runs[job_id] = run
         try:
-            with run.scope:
-                await self._execute(run)
-            if run.scope.cancelled_caught and not job.status.terminal:
-                await self._stopped(run, JobStatus.CANCELLED, "cancelled")
-        except BaseException:
-            # The caller's own cancellation (or a crash): leave a resumable job behind.
-            if not job.status.terminal:
+            # Raises JobStateError when another worker holds a live lease on the job.
+            run.token = await self._jobs.acquire_lease(job_id, self._owner, self.settings.lease_ttl)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keep_lease, run)
+                    with run.scope:
+                        try:
+                            await self._execute(run)
+                        except LeaseLostError:
+                            run.lost = True
+                    tg.cancel_scope.cancel()
+                if run.lost:
+                    raise LeaseLostError(
+                        f"job {job_id} was taken over by another worker; this run stopped",
+                        job_id=job_id,
+                        status=job.status.value,
+                    )
+                if run.scope.cancelled_caught and not job.status.terminal:
+                    await self._stopped(run, JobStatus.CANCELLED, "cancelled")
+            except BaseException:
+                # The caller's own cancellation (or a crash): leave a resumable job behind.
+                if not job.status.terminal and not run.lost:
+                    with anyio.CancelScope(shield=True):
+                        await self._stopped(run, JobStatus.CANCELLED, "interrupted")
+                raise
+            finally:
                 with anyio.CancelScope(shield=True):
-                    await self._stopped(run, JobStatus.CANCELLED, "interrupted")
-            raise
+                    await self._jobs.release_lease(job_id, run.token)
         finally:
             del self._runs[job_id]
             run.done.set()
         return self._result(job)
+
+    async def _keep_lease(self, run: _Run) -> None:
+        """Renew the run's lease; when it is lost, stop the run (no more writes, no sends)."""
+        ttl = self.settings.lease_ttl
+        assert run.token is not None
+        while True:
+            await anyio.sleep(ttl / 3)
+            try:
+                await self._jobs.renew_lease(run.job.job_id, run.token, ttl)
+            except LeaseLostError:
+                logger.warning("Job %s: lease lost to another worker; stopping", run.job.job_id)
+                run.lost = True
+                run.scope.cancel()
+                return
+
+    async def _save_rows(self, run: _Run, rows: list[JobRow]) -> None:
+        await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
+
+    async def _save_job(self, run: _Run) -> None:
+        await self._jobs.save_job(run.job, token=run.token)
 
     async def _execute(self, run: _Run) -> None:
         job = run.job
@@ -655,8 +741,8 @@ class AsyncBulkProcessor:
                 row.error = "the previous run stopped while this row was in flight"
         job.status, job.error = JobStatus.RUNNING, None
         job.started_at, job.finished_at = time.time(), None
-        await self._jobs.save_rows(job.job_id, job.rows)
-        await self._jobs.save_job(job)
+        await self._save_rows(run, job.rows)
+        await self._save_job(run)
         await self._emit(run, "job_started")
         logger.info("Job %s started: %d row(s)", job.job_id, len(job.rows))
 
@@ -666,14 +752,19 @@ class AsyncBulkProcessor:
             await self._stopped(run, JobStatus.FAILED, f"the upstream is unreachable: {exc}")
             return
 
-        await self._send(run, [r for r in job.rows if r.state is RowState.PENDING])
-        for _ in range(_MAX_ROUNDS):
-            if await self._audit(run):
-                break
-            again = [r for r in job.rows if r.state is RowState.PENDING and r.batch_id]
-            if not again:
-                break
-            await self._send(run, again)
+        try:
+            await self._send(run, [r for r in job.rows if r.state is RowState.PENDING])
+            for _ in range(_MAX_ROUNDS):
+                if await self._audit(run):
+                    break
+                again = [r for r in job.rows if r.state is RowState.PENDING and r.batch_id]
+                if not again:
+                    break
+                await self._send(run, again)
+        except UpstreamError as exc:
+            # The batches could not be read back (an outage): stop, resumable, guessing nothing.
+            await self._stopped(run, JobStatus.PARTIALLY_FAILED, f"stopped: {exc}")
+            return
 
         missing = [r for r in job.rows if r.batch_id is not None and r.state not in _EXISTS]
         if missing and not self.settings.activate_partial:
@@ -731,7 +822,7 @@ class AsyncBulkProcessor:
                     hospital.id,
                 )
             if changed:
-                await self._jobs.save_rows(job.job_id, changed)
+                await self._save_rows(run, changed)
                 await self._emit(run, "batch_reconciled", message=str(batch_id))
             if surplus or any(r.state is RowState.PENDING for r in rows):
                 clean = False
@@ -752,10 +843,15 @@ class AsyncBulkProcessor:
     async def _worker(self, run: _Run, pending: Iterator[JobRow]) -> None:
         for row in pending:
             async with self._slots:
-                await self._create(run, row)
+                try:
+                    await self._create(run, row)
+                except LeaseLostError:
+                    # Another worker owns the job now: stop sending at once, write nothing.
+                    run.lost = True
+                    run.scope.cancel()
+                    return
 
     async def _create(self, run: _Run, row: JobRow) -> None:
-        job = run.job
         assert row.batch_id is not None
         body = HospitalCreate(
             name=row.name, address=row.address, phone=row.phone, creation_batch_id=row.batch_id
@@ -766,7 +862,7 @@ class AsyncBulkProcessor:
             row.state = RowState.IN_FLIGHT
             row.attempts += 1
             row.sent_at = time.time()
-            await self._jobs.save_rows(job.job_id, [row])
+            await self._save_rows(run, [row])
             try:
                 return await self._client.create_hospital(body)
             except UpstreamError as exc:
@@ -800,7 +896,7 @@ class AsyncBulkProcessor:
             row.state, row.error, row.hospital_id = RowState.CREATED, None, hospital.id
             kind, message = "row_created", None
             logger.debug("Hospital created successfully: %s (ID: %d)", row.name, hospital.id)
-        await self._jobs.save_rows(job.job_id, [row])
+        await self._save_rows(run, [row])
         await self._emit(run, kind, row=row.row, message=message)
 
     async def _guarded(self, attempt: Callable[[], Awaitable[_T]], run: _Run | None) -> _T:
@@ -878,7 +974,7 @@ class AsyncBulkProcessor:
     async def _activate(self, run: _Run) -> None:
         job = run.job
         job.status = JobStatus.ACTIVATING
-        await self._jobs.save_job(job)
+        await self._save_job(run)
         problems: list[str] = []
         for batch_id in job.batch_ids:
             if batch_id in job.activated_batches:
@@ -897,8 +993,8 @@ class AsyncBulkProcessor:
             job.activated_batches.append(batch_id)
             for row in members:
                 row.state = RowState.CREATED_AND_ACTIVATED
-            await self._jobs.save_rows(job.job_id, members)
-            await self._jobs.save_job(job)
+            await self._save_rows(run, members)
+            await self._save_job(run)
             logger.info("Batch %s activated: %d hospital(s)", batch_id, len(members))
             await self._emit(run, "batch_activated", message=str(batch_id))
         not_done = [
@@ -944,8 +1040,8 @@ class AsyncBulkProcessor:
         job.status, job.error, job.finished_at = status, error, now
         job.processing_seconds += time.monotonic() - run.started
         run.started = time.monotonic()
-        await self._jobs.save_rows(job.job_id, job.rows)
-        await self._jobs.save_job(job)
+        await self._save_rows(run, job.rows)
+        await self._save_job(run)
         level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
         logger.log(level, "Job %s %s%s", job.job_id, status.value, f": {error}" if error else "")
         await self._emit(run, "job_finished", message=error)

@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
-from ._jobs import JobRecord, JobRow
+from ._jobs import JobRecord, JobRow, Lease
 
 __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "IdempotencyStore",
     "JobStore",
+    "Lease",
     "RateLimiter",
 ]
 
@@ -114,26 +115,84 @@ class JobStore(Protocol):
         """
         ...
 
-    async def save_rows(self, job_id: str, rows: Sequence[JobRow]) -> None:
+    async def save_rows(
+        self, job_id: str, rows: Sequence[JobRow], *, token: int | None = None
+    ) -> None:
         """Store the given rows of a job (by `JobRow.index`), in one round trip.
 
         Args:
             job_id: The job's id.
             rows: The rows to write.
+            token: The writer's fencing token; when given, the write is refused unless it is
+                the token of the job's latest lease.
 
         Raises:
             JobNotFoundError: No job has this id.
+            LeaseLostError: `token` is not the latest lease's.
         """
         ...
 
-    async def save_job(self, job: JobRecord) -> None:
+    async def save_job(self, job: JobRecord, *, token: int | None = None) -> None:
         """Store a job's own fields (status, times, activated batches, error), not its rows.
 
         Args:
             job: The job.
+            token: The writer's fencing token, checked as for `save_rows`.
 
         Raises:
             JobNotFoundError: No job has this id.
+            LeaseLostError: `token` is not the latest lease's.
+        """
+        ...
+
+    async def list_ids(self) -> list[str]:
+        """Return the ids of the stored jobs, oldest first."""
+        ...
+
+    async def acquire_lease(self, job_id: str, owner: str, ttl: float) -> int:
+        """Take the job's lease for `owner` for `ttl` seconds.
+
+        Args:
+            job_id: The job's id.
+            owner: The worker taking it.
+            ttl: How long the lease lasts unless renewed, in seconds.
+
+        Returns:
+            A new fencing token, larger than every earlier one of the job.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+            JobStateError: Another owner holds a lease that has not expired.
+        """
+        ...
+
+    async def renew_lease(self, job_id: str, token: int, ttl: float) -> None:
+        """Extend the lease to `ttl` seconds from now.
+
+        Args:
+            job_id: The job's id.
+            token: The holder's fencing token.
+            ttl: How long the lease lasts from now, in seconds.
+
+        Raises:
+            LeaseLostError: `token` is not the latest lease's (another worker took over).
+        """
+        ...
+
+    async def release_lease(self, job_id: str, token: int) -> None:
+        """Give the lease up (nothing happens when `token` is no longer the latest).
+
+        Args:
+            job_id: The job's id.
+            token: The holder's fencing token.
+        """
+        ...
+
+    async def lease(self, job_id: str) -> Lease | None:
+        """Return the job's lease while it has not expired, else ``None``.
+
+        Args:
+            job_id: The job's id.
         """
         ...
 

@@ -23,6 +23,7 @@ from hospital_bulk import (
     JobNotFoundError,
     JobStateError,
     JobStatus,
+    LeaseLostError,
     RowState,
     Settings,
     WaitReason,
@@ -470,3 +471,75 @@ async def test_a_redirected_create_is_rejected_not_unknown():
     assert result.status is JobStatus.PARTIALLY_FAILED
     assert result.hospitals[0].status is RowState.REJECTED
     assert "redirect" in result.hospitals[0].error
+
+
+def shared_processors(fake: FakeDirectory, **options):
+    """Two processors (two workers) sharing one job store, as two processes share Redis."""
+    from hospital_bulk.backends.memory import MemoryIdempotencyStore, MemoryJobStore
+
+    jobs = MemoryJobStore()
+    keys = MemoryIdempotencyStore(jobs)
+    return [processor(fake, job_store=jobs, idempotency_store=keys, **options) for _ in range(2)]
+
+
+async def test_a_job_runs_in_one_worker_at_a_time():
+    slow = FakeDirectory(create_latency=0.2, create_rate=None, other_rate=None)
+    a, b = shared_processors(slow)
+    async with a, b:
+        job = await a.submit(csv_bytes(3))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run, job.job_id)
+            await anyio.sleep(0.05)
+            with pytest.raises(JobStateError, match="another worker"):
+                await b.run(job.job_id)
+            assert (await b.status(job.job_id)).status is JobStatus.RUNNING
+        assert (await b.status(job.job_id)).status is JobStatus.COMPLETED
+    assert_exactly_once(slow, 3)
+
+
+async def test_a_job_whose_worker_died_is_interrupted_and_recovered(fake):
+    a, b = shared_processors(fake, lease_ttl=0.1)
+    async with a, b:
+        job = await a.submit(csv_bytes(4))
+        # Worker A dies mid-job: its job is stored as running, one row was in flight.
+        record = await a._jobs.get(job.job_id)
+        record.status = JobStatus.RUNNING
+        record.rows[0].state = RowState.IN_FLIGHT
+        record.rows[0].sent_at = 0.0
+        await a._jobs.save_job(record)
+        await a._jobs.save_rows(job.job_id, record.rows)
+        await a._jobs.acquire_lease(job.job_id, "dead-worker", 0.1)
+        assert (await b.status(job.job_id)).status is JobStatus.RUNNING
+        await anyio.sleep(0.15)
+        assert (await b.status(job.job_id)).status is JobStatus.INTERRUPTED
+        results = await b.recover()
+    assert [r.job_id for r in results] == [job.job_id]
+    assert results[0].status is JobStatus.COMPLETED
+    assert_exactly_once(fake, 4)
+
+
+async def test_a_worker_that_lost_its_lease_stops_sending():
+    slow = FakeDirectory(create_latency=0.1, create_rate=None, other_rate=None)
+    a, b = shared_processors(slow, lease_ttl=0.15, concurrency=1)
+
+    async def never_renew(run):  # worker A stalls: its lease lapses
+        await anyio.sleep_forever()
+
+    a._keep_lease = never_renew
+    async with a, b:
+        job = await a.submit(csv_bytes(6))
+        outcome = {}
+
+        async def run_a():
+            try:
+                await a.run(job.job_id)
+            except JobStateError as exc:
+                outcome["a"] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_a)
+            await anyio.sleep(0.2)  # A's lease has lapsed; B takes the job over
+            outcome["b"] = await b.resume(job.job_id)
+    assert isinstance(outcome["a"], LeaseLostError)
+    assert outcome["b"].status is JobStatus.COMPLETED
+    assert_exactly_once(slow, 6)

@@ -40,6 +40,7 @@ EXPECTED = [
     "JobSnapshot",
     "JobStateError",
     "JobStatus",
+    "LeaseLostError",
     "Outcome",
     "RateLimitedError",
     "RejectedError",

@@ -27,6 +27,8 @@ from hospital_bulk._exceptions import (
     IdempotencyError,
     IdempotencyInProgressError,
     JobNotFoundError,
+    JobStateError,
+    LeaseLostError,
 )
 from hospital_bulk._jobs import JobRecord, JobRow, JobStatus, RowState
 from hospital_bulk.backends.memory import MemoryIdempotencyStore, MemoryJobStore
@@ -939,3 +941,50 @@ async def test_memory_store_defaults() -> None:
     store = MemoryJobStore()
 
     assert store.retention == 7 * 24 * 3600
+
+
+# -- leases and fencing tokens ---------------------------------------------------------------
+
+
+async def test_lease_tokens_grow_and_a_live_lease_keeps_others_out(
+    job_store: HousekeptJobStore, clock: FakeClock
+) -> None:
+    await job_store.create(make_job("job-1", rows=2))
+    first = await job_store.acquire_lease("job-1", "worker-a", 30.0)
+    lease = await job_store.lease("job-1")
+    assert lease is not None
+    assert (lease.owner, lease.token, lease.expires_at) == ("worker-a", first, clock.now + 30.0)
+    with pytest.raises(JobStateError):
+        await job_store.acquire_lease("job-1", "worker-b", 30.0)
+    clock.advance(31.0)
+    assert await job_store.lease("job-1") is None
+    second = await job_store.acquire_lease("job-1", "worker-b", 30.0)
+    assert second > first
+
+
+async def test_a_stale_token_cannot_write(job_store: HousekeptJobStore, clock: FakeClock) -> None:
+    job = make_job("job-1", rows=2)
+    await job_store.create(job)
+    old = await job_store.acquire_lease("job-1", "worker-a", 10.0)
+    clock.advance(5.0)
+    await job_store.renew_lease("job-1", old, 10.0)
+    clock.advance(11.0)  # expired, but nobody took over: the token still fences nothing out
+    await job_store.save_rows("job-1", [job.rows[0]], token=old)
+    new = await job_store.acquire_lease("job-1", "worker-b", 10.0)
+    with pytest.raises(LeaseLostError):
+        await job_store.save_rows("job-1", [job.rows[0]], token=old)
+    with pytest.raises(LeaseLostError):
+        await job_store.save_job(job, token=old)
+    with pytest.raises(LeaseLostError):
+        await job_store.renew_lease("job-1", old, 10.0)
+    await job_store.save_job(job, token=new)
+    await job_store.release_lease("job-1", old)  # a stale release changes nothing
+    assert (await job_store.lease("job-1")) is not None
+    await job_store.release_lease("job-1", new)
+    assert await job_store.lease("job-1") is None
+
+
+async def test_leases_of_unknown_jobs(job_store: HousekeptJobStore) -> None:
+    with pytest.raises(JobNotFoundError):
+        await job_store.acquire_lease("nope", "worker-a", 10.0)
+    assert await job_store.lease("nope") is None

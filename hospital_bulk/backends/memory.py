@@ -45,8 +45,10 @@ from .._exceptions import (
     IdempotencyConflictError,
     IdempotencyInProgressError,
     JobNotFoundError,
+    JobStateError,
+    LeaseLostError,
 )
-from .._jobs import JobRecord, JobRow
+from .._jobs import JobRecord, JobRow, Lease
 from .._ratelimit import MemoryRateLimiter
 from ..protocols import IdempotencyStore, JobStore
 
@@ -120,6 +122,8 @@ class MemoryJobStore:
         # left behind by a resumed or re-finished job are dropped when they reach the top.
         self._deadlines: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        self._leases: dict[str, Lease] = {}
+        self._tokens: dict[str, int] = {}
 
     @property
     def retention(self) -> float:
@@ -170,7 +174,9 @@ class MemoryJobStore:
         job = self._live(job_id)
         return _copy_job(job, [_copy_row(row) for row in job.rows])
 
-    async def save_rows(self, job_id: str, rows: Sequence[JobRow]) -> None:
+    async def save_rows(
+        self, job_id: str, rows: Sequence[JobRow], *, token: int | None = None
+    ) -> None:
         """Replace the given rows of a job, each by its `JobRow.index`, with copies.
 
         Every index is checked before anything is written: either every row is stored or
@@ -179,12 +185,15 @@ class MemoryJobStore:
         Args:
             job_id: The job's id.
             rows: The rows to write.
+            token: The writer's fencing token; the write is refused unless it is the latest.
 
         Raises:
             JobNotFoundError: No job has this id, or its retention has passed.
             ConfigurationError: A row's index is outside the job's rows.
+            LeaseLostError: `token` is not the latest lease's.
         """
         stored = self._live(job_id).rows
+        self._check_token(job_id, token)
         copies: list[JobRow] = []
         for row in rows:
             if not 0 <= row.index < len(stored):
@@ -196,16 +205,19 @@ class MemoryJobStore:
         for row in copies:
             stored[row.index] = row
 
-    async def save_job(self, job: JobRecord) -> None:
+    async def save_job(self, job: JobRecord, *, token: int | None = None) -> None:
         """Store a copy of every field of a job except its rows, which stay as stored.
 
         Args:
             job: The job.
+            token: The writer's fencing token; the write is refused unless it is the latest.
 
         Raises:
             JobNotFoundError: No job has this id, or its retention has passed.
+            LeaseLostError: `token` is not the latest lease's.
         """
         current = self._live(job.job_id)
+        self._check_token(job.job_id, token)
         stored = _copy_job(job, current.rows)
         self._jobs[job.job_id] = stored
         self._track(stored)
@@ -229,6 +241,90 @@ class MemoryJobStore:
         """
         self._live(job_id)
         self._forget(job_id)
+
+    async def acquire_lease(self, job_id: str, owner: str, ttl: float) -> int:
+        """Take the job's lease for `owner`; see `hospital_bulk.protocols.JobStore`.
+
+        Args:
+            job_id: The job's id.
+            owner: The worker taking it.
+            ttl: Seconds the lease lasts unless renewed.
+
+        Returns:
+            A new fencing token.
+
+        Raises:
+            JobNotFoundError: No job has this id.
+            JobStateError: Another owner holds a lease that has not expired.
+        """
+        job = self._live(job_id)
+        ttl = _seconds("ttl", ttl)
+        now = self._clock()
+        held = self._leases.get(job_id)
+        if held is not None and held.owner != owner and held.expires_at > now:
+            raise JobStateError(
+                f"job {job_id} is already running in another worker",
+                job_id=job_id,
+                status=job.status.value,
+            )
+        token = self._tokens.get(job_id, 0) + 1
+        self._tokens[job_id] = token
+        self._leases[job_id] = Lease(owner=owner, token=token, expires_at=now + ttl)
+        return token
+
+    async def renew_lease(self, job_id: str, token: int, ttl: float) -> None:
+        """Extend the lease; see `hospital_bulk.protocols.JobStore`.
+
+        Args:
+            job_id: The job's id.
+            token: The holder's fencing token.
+            ttl: Seconds the lease lasts from now.
+
+        Raises:
+            LeaseLostError: `token` is not the latest lease's.
+        """
+        self._check_token(job_id, token)
+        held = self._leases[job_id]
+        ttl = _seconds("ttl", ttl)
+        self._leases[job_id] = dataclasses.replace(held, expires_at=self._clock() + ttl)
+
+    async def release_lease(self, job_id: str, token: int) -> None:
+        """Give the lease up; nothing happens when `token` is no longer the latest.
+
+        Args:
+            job_id: The job's id.
+            token: The holder's fencing token.
+        """
+        held = self._leases.get(job_id)
+        if held is not None and held.token == token:
+            del self._leases[job_id]
+
+    async def lease(self, job_id: str) -> Lease | None:
+        """Return the job's lease while it has not expired, else ``None``.
+
+        Args:
+            job_id: The job's id.
+        """
+        held = self._leases.get(job_id)
+        if held is None or held.expires_at <= self._clock():
+            return None
+        return held
+
+    def _check_token(self, job_id: str, token: int | None) -> None:
+        """Refuse a write whose fencing token is not the job's latest.
+
+        A token stays valid after its lease expired as long as no other worker took a newer
+        one: fencing is by token, expiry only lets another worker take over.
+        """
+        if token is None:
+            return
+        if self._tokens.get(job_id) != token:
+            raise LeaseLostError(
+                f"job {job_id} was taken over by another worker (fencing token {token} is "
+                "stale); this worker must stop",
+                job_id=job_id,
+                status="running",
+            )
 
     def _live(self, job_id: str) -> JobRecord:
         """Return the stored job (not a copy), dropping it if its retention has passed."""
@@ -263,6 +359,8 @@ class MemoryJobStore:
     def _forget(self, job_id: str) -> None:
         del self._jobs[job_id]
         self._deadlines.pop(job_id, None)
+        self._leases.pop(job_id, None)
+        self._tokens.pop(job_id, None)
 
 
 @dataclasses.dataclass(slots=True)

@@ -681,6 +681,7 @@ class AsyncBulkProcessor:
             # Raises JobStateError when another worker holds a live lease on the job.
             run.token = await self._jobs.acquire_lease(job_id, self._owner, self.settings.lease_ttl)
             try:
+                failure: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._keep_lease, run)
                     with run.scope:
@@ -688,7 +689,11 @@ class AsyncBulkProcessor:
                             await self._execute(run)
                         except LeaseLostError:
                             run.lost = True
+                        except Exception as exc:  # raised below, outside the task group
+                            failure = exc
                     tg.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
                 if run.lost:
                     raise LeaseLostError(
                         f"job {job_id} was taken over by another worker; this run stopped",
@@ -837,7 +842,7 @@ class AsyncBulkProcessor:
         if until > time.time():
             self._waiting(run, WaitReason.RECONCILE, until)
             await self._emit(run, "waiting", message="reconciling rows whose outcome is unknown")
-            await anyio.sleep(until - time.time())
+            await anyio.sleep(max(0.0, until - time.time()))  # the hook may have taken long
             self._waiting(run, None, None)
 
     async def _worker(self, run: _Run, pending: Iterator[JobRow]) -> None:
@@ -863,6 +868,9 @@ class AsyncBulkProcessor:
             row.attempts += 1
             row.sent_at = time.time()
             await self._save_rows(run, [row])
+            # The horizon counts from when the request leaves, after the (possibly slow) write;
+            # the stored stamp, a little earlier, serves crash recovery.
+            row.sent_at = time.time()
             try:
                 return await self._client.create_hospital(body)
             except UpstreamError as exc:

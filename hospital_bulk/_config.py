@@ -55,6 +55,10 @@ class Settings:
         reconcile_after: Seconds to wait after an ambiguous create before its batch is read
             back, so the original request can no longer be executing upstream; ``None``
             derives it from the read timeout (at least 10 s).
+        surplus_policy: What the pre-activation audit does with hospitals in a batch that no
+            row accounts for (duplicates, strangers): ``"delete"`` them one by one
+            (`DELETE /hospitals/{id}`), or ``"rebuild"``: delete the whole batch and create
+            its rows again under a new batch id.
         lease_ttl: How long a worker's lease on a running job lasts unless renewed (it is
             renewed every third of that); a job whose worker died is reported
             ``interrupted`` once it lapses.
@@ -83,6 +87,7 @@ class Settings:
     breaker_failure_threshold: int = 5
     breaker_recovery_time: float = 30.0
     reconcile_after: float | None = None
+    surplus_policy: Literal["delete", "rebuild"] = "delete"
     lease_ttl: float = 30.0
     idempotency_ttl: float = _DAY
     job_retention: float = 7 * _DAY
@@ -120,6 +125,8 @@ class Settings:
             raise ConfigurationError("rate_margin must be >= 0")
         if self.idempotency_ttl < _DAY:
             raise ConfigurationError("idempotency_ttl must be at least 24 hours (86400 s)")
+        if self.surplus_policy not in ("delete", "rebuild"):
+            raise ConfigurationError("surplus_policy must be 'delete' or 'rebuild'")
         if self.formula_policy not in ("reject", "neutralize"):
             raise ConfigurationError("formula_policy must be 'reject' or 'neutralize'")
         for flag in ("skip_invalid_rows", "activate_partial"):

@@ -813,6 +813,10 @@ class AsyncBulkProcessor:
             path = f"/hospitals/batch/{batch_id}"
             listed = await self._call("other", path, _bind(self._client.list_batch, batch_id), run)
             changed, surplus = _reconcile(rows, listed)
+            if surplus and self.settings.surplus_policy == "rebuild":
+                await self._rebuild(run, batch_id, rows)
+                clean = False
+                continue
             for hospital in surplus:
                 with contextlib.suppress(HospitalNotFoundError):
                     await self._call(
@@ -832,6 +836,30 @@ class AsyncBulkProcessor:
             if surplus or any(r.state is RowState.PENDING for r in rows):
                 clean = False
         return clean
+
+    async def _rebuild(self, run: _Run, batch_id: uuid.UUID, rows: list[JobRow]) -> None:
+        """Delete a batch that holds hospitals no row accounts for; send its rows anew.
+
+        The rows move to a new batch id only once the old batch is deleted, so a failure
+        here leaves the job on the old batch, to be audited (and rebuilt) again on resume.
+        """
+        path = f"/hospitals/batch/{batch_id}"
+        with contextlib.suppress(BatchNotFoundError):
+            await self._call("other", path, _bind(self._client.delete_batch, batch_id), run)
+        job = run.job
+        fresh = uuid.uuid4()
+        job.batch_ids[job.batch_ids.index(batch_id)] = fresh
+        for row in rows:
+            row.batch_id = fresh
+            if row.state in _AUDITED:
+                row.state, row.hospital_id = RowState.PENDING, None
+                row.error = "its batch held unexpected hospitals and was rebuilt"
+        await self._save_rows(run, rows)
+        await self._save_job(run)
+        logger.warning(
+            "Batch %s held unexpected hospitals: deleted, rebuilt as %s", batch_id, fresh
+        )
+        await self._emit(run, "batch_reconciled", message=f"{batch_id} rebuilt as {fresh}")
 
     async def _wait_horizon(self, run: _Run | None, rows: list[JobRow]) -> None:
         """Wait until no create of an unknown row can still be executing upstream."""

@@ -543,3 +543,19 @@ async def test_a_worker_that_lost_its_lease_stops_sending():
     assert isinstance(outcome["a"], LeaseLostError)
     assert outcome["b"].status is JobStatus.COMPLETED
     assert_exactly_once(slow, 6)
+
+
+async def test_the_rebuild_policy_recreates_a_batch_that_held_strangers(fake):
+    async with processor(fake, surplus_policy="rebuild") as p:
+        job = await p.submit(csv_bytes(2))
+        old = job.batch_ids[0]
+        async with httpx.AsyncClient(transport=fake.transport(), base_url="http://fake") as c:
+            stray = {"name": "Someone else", "address": "9 Elm St", "creation_batch_id": str(old)}
+            await c.post("/hospitals/", json=stray)
+        result = await p.run(job.job_id)
+    assert result.status is JobStatus.COMPLETED
+    assert result.batch_ids != [old]
+    assert fake.batch(old) == []
+    assert_exactly_once(fake, 2)
+    assert sorted(h.name for h in fake.batch(result.batch_ids[0])) == ["Hospital 1", "Hospital 2"]
+    assert all(h.active for h in fake.hospitals)

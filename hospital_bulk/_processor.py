@@ -97,6 +97,7 @@ _SETTLED = frozenset(
 )
 _EXISTS = frozenset({RowState.CREATED, RowState.CREATED_AND_ACTIVATED})
 _AUDITED = frozenset({RowState.CREATED, RowState.UNKNOWN, RowState.PENDING})
+_LOST = "no longer upstream (the upstream lost it); sent again"
 # Audit-and-send rounds of one run before the job gives up as partially failed.
 _MAX_ROUNDS = 5
 _RUNNING = frozenset({JobStatus.RUNNING, JobStatus.ACTIVATING})
@@ -831,8 +832,20 @@ class AsyncBulkProcessor:
                     hospital.id,
                 )
             if changed:
+                lost = sum(1 for r in changed if r.error == _LOST)
+                if lost:
+                    logger.warning(
+                        "Batch %s: %d hospital(s) no longer upstream (did it restart?); "
+                        "sending them again",
+                        batch_id,
+                        lost,
+                    )
                 await self._save_rows(run, changed)
-                await self._emit(run, "batch_reconciled", message=str(batch_id))
+                await self._emit(
+                    run,
+                    "batch_reconciled",
+                    message=f"{batch_id}: {lost} row(s) lost upstream" if lost else str(batch_id),
+                )
             if surplus or any(r.state is RowState.PENDING for r in rows):
                 clean = False
         return clean
@@ -1194,7 +1207,7 @@ def _reconcile(rows: list[JobRow], listed: list[Hospital]) -> tuple[list[JobRow]
             continue
         # The upstream lost it (a restart empties its storage and restarts its ids).
         row.state, row.hospital_id = RowState.PENDING, None
-        row.error = "no longer upstream (the upstream lost it); sent again"
+        row.error = _LOST
         changed.append(row)
     free: dict[tuple[str, str, str | None], list[Hospital]] = {}
     for hospital in sorted(listed, key=lambda h: h.id):

@@ -559,3 +559,17 @@ async def test_the_rebuild_policy_recreates_a_batch_that_held_strangers(fake):
     assert_exactly_once(fake, 2)
     assert sorted(h.name for h in fake.batch(result.batch_ids[0])) == ["Hospital 1", "Hospital 2"]
     assert all(h.active for h in fake.hospitals)
+
+
+async def test_rows_lost_upstream_are_reported(fake, caplog):
+    caplog.set_level(logging.WARNING, logger="hospital_bulk")
+    fake.inject(Fault.REJECT)
+    async with processor(fake, concurrency=1) as p:
+        first = await p.process(csv_bytes(3))
+        fake.restart()
+        snapshots = []
+        result = await p.resume(first.job_id, on_progress=snapshots.append)
+    assert result.status is JobStatus.COMPLETED
+    assert "2 hospital(s) no longer upstream (did it restart?)" in caplog.text
+    # While they were being sent again, the lost rows showed as pending, not as created.
+    assert any(s.counts[RowState.PENDING] >= 2 for s in snapshots)

@@ -159,8 +159,9 @@ class JobRow:
         hospital_id: The upstream's id once created.
         error: Why the row was rejected, is unknown, or is invalid.
         attempts: How many creates were sent for it.
-        sent_at: When its last create left (`time.time()` seconds), or ``None``: the
-            reconciliation waits a safety horizon after it before reading the batch back.
+        sent_at: When its last create was about to leave (`time.time()` seconds), then, once
+            its outcome is unknown, when that became so; the reconciliation waits a safety
+            horizon after it before reading the batch back.
     """
 
     index: int

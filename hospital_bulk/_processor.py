@@ -909,17 +909,18 @@ class AsyncBulkProcessor:
             row.attempts += 1
             row.sent_at = time.time()
             await self._save_rows(run, [row])
-            # The horizon counts from when the request leaves, after the (possibly slow) write;
-            # the stored stamp, a little earlier, serves crash recovery.
-            row.sent_at = time.time()
             try:
                 return await self._client.create_hospital(body)
             except UpstreamError as exc:
                 nothing = exc.outcome in (Outcome.NOT_SENT, Outcome.RATE_LIMITED, Outcome.REJECTED)
                 row.state = RowState.PENDING if nothing else RowState.UNKNOWN
+                # The horizon counts from when the outcome became unknown, which is never
+                # before the request left (the stamp stored before sending serves a crash).
+                row.sent_at = time.time()
                 raise
             except BaseException:
                 row.state = RowState.UNKNOWN  # cancelled mid-request: it may exist upstream
+                row.sent_at = time.time()
                 raise
 
         message: str | None

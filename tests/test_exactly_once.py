@@ -440,16 +440,24 @@ async def run_schedule(schedule: Schedule) -> Outcome:
     tap = Tap(fake.transport())
     statuses: list[str] = []
     async with seeded_processor(schedule.seed, tap) as processor:
-        job = await processor.submit(csv_of(schedule.rows))
-        trigger = Trigger(schedule, processor, job.job_id)
-        tap.hook = trigger.on_request
-        for attempt in range(MAX_RESUMES + 1):
-            result = await one_run(processor, trigger, first=attempt == 0)
-            statuses.append(result.status.value)
-            if result.status is JobStatus.COMPLETED:
-                break
-        tap.hook = None
-    return Outcome(schedule, fake, tap, result, trigger.fired, statuses)
+        result, fired = await run_until_completed(processor, schedule, tap, statuses)
+    return Outcome(schedule, fake, tap, result, fired, statuses)
+
+
+async def run_until_completed(
+    processor: AsyncBulkProcessor, schedule: Schedule, tap: Tap, statuses: list[str]
+) -> tuple[JobResult, bool]:
+    """Submit the schedule's file, then run and resume it (cancelled once) until it completes."""
+    job = await processor.submit(csv_of(schedule.rows))
+    trigger = Trigger(schedule, processor, job.job_id)
+    tap.hook = trigger.on_request
+    for attempt in range(MAX_RESUMES + 1):
+        result = await one_run(processor, trigger, first=attempt == 0)
+        statuses.append(result.status.value)
+        if result.status is JobStatus.COMPLETED:
+            break
+    tap.hook = None
+    return result, trigger.fired
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -674,16 +682,8 @@ async def run_served(schedule: Schedule) -> Outcome:
             schedule.seed, tap, server.url, timeout=0.5, reconcile_after=SERVED_HORIZON
         )
         async with processor:
-            job = await processor.submit(csv_of(schedule.rows))
-            trigger = Trigger(schedule, processor, job.job_id)
-            tap.hook = trigger.on_request
-            for attempt in range(MAX_RESUMES + 1):
-                result = await one_run(processor, trigger, first=attempt == 0)
-                statuses.append(result.status.value)
-                if result.status is JobStatus.COMPLETED:
-                    break
-            tap.hook = None
-    return Outcome(schedule, fake, tap, result, trigger.fired, statuses, SERVED_HORIZON)
+            result, fired = await run_until_completed(processor, schedule, tap, statuses)
+    return Outcome(schedule, fake, tap, result, fired, statuses, SERVED_HORIZON)
 
 
 async def test_seeded_schedules_against_the_fake_served_on_loopback():

@@ -188,7 +188,7 @@ class AsyncBulkProcessor:
         if settings is None:
             if base_url is None:
                 raise ConfigurationError("give the upstream's base_url (or settings=...)")
-            settings = Settings(base_url=base_url, **_known(options))
+            settings = Settings(base_url=base_url).replace(**options)
         else:
             if base_url is not None:
                 options["base_url"] = base_url
@@ -804,10 +804,11 @@ class AsyncBulkProcessor:
         """
         job = run.job
         clean = True
-        for batch_id in job.batch_ids:
+        batches = _rows_by_batch(job.rows)
+        for batch_id in list(job.batch_ids):
             if batch_id in job.activated_batches:
                 continue
-            rows = [r for r in job.rows if r.batch_id == batch_id]
+            rows = batches.get(batch_id, [])
             if not any(r.state in _AUDITED for r in rows):
                 continue
             await self._wait_horizon(run, rows)
@@ -1026,10 +1027,11 @@ class AsyncBulkProcessor:
         job.status = JobStatus.ACTIVATING
         await self._save_job(run)
         problems: list[str] = []
+        batches = _rows_by_batch(job.rows)
         for batch_id in job.batch_ids:
             if batch_id in job.activated_batches:
                 continue
-            members = [r for r in job.rows if r.batch_id == batch_id and r.state in _EXISTS]
+            members = [r for r in batches.get(batch_id, []) if r.state in _EXISTS]
             if not members:
                 continue
             try:
@@ -1184,6 +1186,15 @@ def _bind(method: Callable[[_A], Awaitable[_T]], argument: _A) -> Callable[[], A
     return lambda: method(argument)
 
 
+def _rows_by_batch(rows: list[JobRow]) -> dict[uuid.UUID, list[JobRow]]:
+    """The job's rows grouped by batch, in one pass (not one scan per batch)."""
+    batches: dict[uuid.UUID, list[JobRow]] = {}
+    for row in rows:
+        if row.batch_id is not None:
+            batches.setdefault(row.batch_id, []).append(row)
+    return batches
+
+
 def _key(name: str, address: str, phone: str | None) -> tuple[str, str, str | None]:
     return (name, address, phone or None)
 
@@ -1228,13 +1239,3 @@ def _reconcile(rows: list[JobRow], listed: list[Hospital]) -> tuple[list[JobRow]
         changed.append(row)
     surplus = [h for group in free.values() for h in group]
     return changed, surplus
-
-
-def _known(options: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(Settings)}
-    unknown = set(options) - names
-    if unknown:
-        raise ConfigurationError(
-            f"unknown setting(s): {', '.join(sorted(unknown))}; see hospital_bulk.Settings"
-        )
-    return options

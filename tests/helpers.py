@@ -9,6 +9,20 @@ from collections.abc import Sequence
 from hospital_bulk import JobResult, JobStatus, RowState
 from hospital_bulk.testing import FakeDirectory, StoredHospital
 
+# The keys of a JobResult dumped as JSON: the original bulk service's report shape.
+REPORT_KEYS = {
+    "job_id",
+    "status",
+    "batch_id",
+    "batch_ids",
+    "total_hospitals",
+    "processed_hospitals",
+    "failed_hospitals",
+    "processing_time_seconds",
+    "batch_activated",
+    "hospitals",
+}
+
 # Figures a test wants shown at the end of every run (see conftest.pytest_terminal_summary).
 SUMMARY_LINES: list[str] = []
 

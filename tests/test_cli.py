@@ -13,6 +13,7 @@ import sys
 from importlib import resources
 
 import pytest
+from helpers import REPORT_KEYS
 
 import hospital_bulk
 from hospital_bulk import BulkProcessor, JobSnapshot, JobStatus, RowState, WaitReason, cli
@@ -21,18 +22,6 @@ from hospital_bulk.testing import FakeServer, Fault
 
 SAMPLE = resources.files("hospital_bulk").joinpath("_samples/hospitals.csv").read_bytes()
 SAMPLE_NAMES = [line.split(",")[0] for line in SAMPLE.decode().splitlines()[1:]]
-RESULT_KEYS = {
-    "job_id",
-    "status",
-    "batch_id",
-    "batch_ids",
-    "total_hospitals",
-    "processed_hospitals",
-    "failed_hospitals",
-    "processing_time_seconds",
-    "batch_activated",
-    "hospitals",
-}
 
 
 class TTY(io.StringIO):
@@ -206,7 +195,7 @@ def test_process_json_is_the_result_and_progress_stays_on_stderr(server, sample_
     assert main(["process", sample_file, "--base-url", server.url, "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)  # stdout is the JSON document and nothing else
-    assert set(result) == RESULT_KEYS
+    assert set(result) == REPORT_KEYS
     assert result["status"] == "completed"
     assert result["batch_activated"] is True
     assert (result["total_hospitals"], result["processed_hospitals"]) == (12, 12)
@@ -390,7 +379,7 @@ def test_demo_json_prints_only_the_result_on_stdout(capsys):
     assert main(["demo", "--fast", "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert set(result) == RESULT_KEYS
+    assert set(result) == REPORT_KEYS
     assert [h["status"] for h in result["hospitals"]] == ["created_and_activated"] * 12
     assert "upstream check: 12 hospitals, 0 duplicates, all active" in captured.err
 

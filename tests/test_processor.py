@@ -12,7 +12,7 @@ import logging
 import anyio
 import httpx
 import pytest
-from helpers import csv_bytes
+from helpers import REPORT_KEYS, csv_bytes
 
 from hospital_bulk import (
     AsyncBulkProcessor,
@@ -77,18 +77,7 @@ async def test_the_report_has_the_original_service_shape(fake):
     async with processor(fake) as p:
         result = await p.process(csv_bytes(2))
     data = result.model_dump(mode="json")
-    assert set(data) == {
-        "job_id",
-        "status",
-        "batch_id",
-        "batch_ids",
-        "total_hospitals",
-        "processed_hospitals",
-        "failed_hospitals",
-        "processing_time_seconds",
-        "batch_activated",
-        "hospitals",
-    }
+    assert set(data) == REPORT_KEYS
     assert data["status"] == "completed"
     assert data["hospitals"][0] == {
         "row": 1,

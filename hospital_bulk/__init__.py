@@ -13,6 +13,7 @@ from ._client import HospitalDirectoryClient
 from ._config import Settings
 from ._exceptions import (
     AmbiguousOutcomeError,
+    BackendError,
     BatchAlreadyActiveError,
     BatchFullError,
     BatchNotFoundError,
@@ -46,6 +47,7 @@ from ._validation import HospitalRow, IssueCode, ValidationIssue, ValidationRepo
 __all__ = [
     "AmbiguousOutcomeError",
     "AsyncBulkProcessor",
+    "BackendError",
     "BatchActivation",
     "BatchAlreadyActiveError",
     "BatchDeletion",

@@ -64,6 +64,8 @@ class Settings:
             ``interrupted`` once it lapses.
         idempotency_ttl: How long an idempotency key is kept, in seconds (at least 24 h).
         job_retention: How long finished jobs are kept, in seconds.
+        redis_prefix: The first part of every Redis key; processes share jobs, keys, rate
+            budgets and breaker state exactly when they use the same Redis database and prefix.
     """
 
     base_url: str
@@ -91,6 +93,7 @@ class Settings:
     lease_ttl: float = 30.0
     idempotency_ttl: float = _DAY
     job_retention: float = 7 * _DAY
+    redis_prefix: str = "hospital_bulk"
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_url, str) or not self.base_url.strip():
@@ -132,7 +135,11 @@ class Settings:
         for flag in ("skip_invalid_rows", "activate_partial"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigurationError(f"{flag} must be True or False")
-        if not self.backend.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        if not isinstance(self.redis_prefix, str) or not self.redis_prefix:
+            raise ConfigurationError("redis_prefix must be a non-empty string")
+        if not isinstance(self.backend, str) or not self.backend.startswith(
+            ("memory://", "redis://", "rediss://", "unix://")
+        ):
             raise ConfigurationError(
                 f"backend {self.backend!r} is not known; use 'memory://' or 'redis://host:port/db'"
             )
@@ -171,6 +178,7 @@ class Settings:
         | ``CIRCUIT_BREAKER_FAILURE_THRESHOLD`` | `breaker_failure_threshold` |
         | ``CIRCUIT_BREAKER_RECOVERY_TIMEOUT`` (seconds) | `breaker_recovery_time` |
         | ``REDIS_URL`` | `backend` |
+        | ``HOSPITAL_BULK_REDIS_PREFIX`` | `redis_prefix` |
 
         Args:
             environ: The variables (default: `os.environ`).
@@ -202,6 +210,8 @@ class Settings:
             )
         if "REDIS_URL" in env:
             values["backend"] = env["REDIS_URL"]
+        if "HOSPITAL_BULK_REDIS_PREFIX" in env:
+            values["redis_prefix"] = env["HOSPITAL_BULK_REDIS_PREFIX"]
         values.update(overrides)
         if "base_url" not in values:
             raise ConfigurationError("HOSPITAL_API_BASE_URL is not set (or pass base_url=...)")

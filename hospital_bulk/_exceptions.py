@@ -12,6 +12,7 @@ HospitalBulkError
 │   ├── IdempotencyConflictError               the key was used with another file or options
 │   └── IdempotencyInProgressError             the key's first submission is still being created
 ├── CircuitOpenError                           the circuit breaker refuses calls until `retry_at`
+├── BackendError                               the shared backend (Redis) failed or lost state
 └── UpstreamError                              a request to the Hospital Directory API failed
     ├── RequestNotSentError                    outcome NOT_SENT: safe to retry
     ├── AmbiguousOutcomeError                  outcome AMBIGUOUS: may have been applied
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AmbiguousOutcomeError",
+    "BackendError",
     "BatchAlreadyActiveError",
     "BatchFullError",
     "BatchNotFoundError",
@@ -184,6 +186,20 @@ class IdempotencyConflictError(IdempotencyError):
 
 class IdempotencyInProgressError(IdempotencyError):
     """The key's first submission is still creating its job; try again shortly."""
+
+
+class BackendError(HospitalBulkError):
+    """The shared backend (Redis) failed, or lost the state of a running job.
+
+    It was unreachable, timed out, refused a command, or no longer holds a job that was
+    running (a server restarted without persistence).
+
+    Nothing is guessed when this is raised: the write or read it interrupted did not happen
+    (or its effect is unknown, for a timeout), and the job is left as the store last held it.
+
+    Args:
+        message: What failed, without credentials.
+    """
 
 
 class CircuitOpenError(HospitalBulkError):

@@ -163,6 +163,8 @@ class AsyncBulkProcessor:
         rate_limiter: A `RateLimiter` to use instead of the backend's.
         breaker: A `CircuitBreaker` to use instead of the backend's.
         retry: A `RetryPolicy` to use instead of one built from the settings.
+        redis: A `redis.asyncio.Redis` client or `redis.asyncio.ConnectionPool` for the Redis
+            backend, instead of connecting to `Settings.backend`'s URL (the caller closes it).
         **options: Any `Settings` field, e.g. ``create_rate="10/6 seconds"``,
             ``concurrency=20``, ``batch_size=20``, ``timeout=30.0``.
 
@@ -183,6 +185,7 @@ class AsyncBulkProcessor:
         rate_limiter: RateLimiter | None = None,
         breaker: CircuitBreaker | None = None,
         retry: RetryPolicy | None = None,
+        redis: Any = None,
         **options: Any,
     ) -> None:
         if settings is None:
@@ -195,30 +198,52 @@ class AsyncBulkProcessor:
             if options:
                 settings = settings.replace(**options)
         self.settings = settings
-        if not settings.backend.startswith("memory://") and (
-            job_store is None or idempotency_store is None
-        ):
-            raise ConfigurationError(
-                f"backend {settings.backend!r} is not available in this version; "
-                "use 'memory://' or inject the stores"
+        self._backend: Any = None
+        if redis is not None or not settings.backend.startswith("memory://"):
+            self._backend = _redis_backend(settings, redis)
+        backend = self._backend
+        if job_store is None:
+            job_store = (
+                MemoryJobStore(retention=settings.job_retention)
+                if backend is None
+                else backend.job_store(retention=settings.job_retention)
             )
-        jobs = job_store or MemoryJobStore(retention=settings.job_retention)
-        self._jobs: JobStore = jobs
+        self._jobs: JobStore = job_store
         if idempotency_store is None:
-            if not isinstance(jobs, MemoryJobStore):
+            if isinstance(job_store, MemoryJobStore):
+                idempotency_store = MemoryIdempotencyStore(job_store)
+            elif backend is not None and backend.owns(job_store):
+                idempotency_store = backend.idempotency_store(job_store)
+            else:
                 raise ConfigurationError(
                     "a custom job_store needs an idempotency_store that creates jobs in it"
                 )
-            idempotency_store = MemoryIdempotencyStore(jobs)
         self._keys: IdempotencyStore = idempotency_store
-        self._limiter: RateLimiter = rate_limiter or MemoryRateLimiter(
-            settings.create_rate, settings.other_rate, margin=settings.rate_margin
-        )
-        self._breaker: CircuitBreaker = breaker or MemoryCircuitBreaker(
-            "hospital_api",
-            failure_threshold=settings.breaker_failure_threshold,
-            recovery_time=settings.breaker_recovery_time,
-        )
+        if rate_limiter is None:
+            rate_options: dict[str, Any] = {
+                "create_rate": settings.create_rate,
+                "other_rate": settings.other_rate,
+                "margin": settings.rate_margin,
+            }
+            rate_limiter = (
+                MemoryRateLimiter(**rate_options)
+                if backend is None
+                else backend.rate_limiter(**rate_options)
+            )
+        self._limiter: RateLimiter = rate_limiter
+        # The library's limiters report their waits (shown as the job's `waiting_for`).
+        self._limiter_reports = "on_wait" in inspect.signature(rate_limiter.acquire).parameters
+        if breaker is None:
+            breaker_options: dict[str, Any] = {
+                "failure_threshold": settings.breaker_failure_threshold,
+                "recovery_time": settings.breaker_recovery_time,
+            }
+            breaker = (
+                MemoryCircuitBreaker("hospital_api", **breaker_options)
+                if backend is None
+                else backend.circuit_breaker("hospital_api", **breaker_options)
+            )
+        self._breaker: CircuitBreaker = breaker
         self._retry = retry or RetryPolicy(
             attempts=settings.retry_attempts,
             initial=settings.retry_initial,
@@ -262,6 +287,8 @@ class AsyncBulkProcessor:
         for run in list(self._runs.values()):
             await run.done.wait()
         await self._client.aclose()
+        if self._backend is not None:
+            await self._backend.aclose()
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -584,7 +611,7 @@ class AsyncBulkProcessor:
 
         Returns:
             ``{"upstream": bool, "upstream_error": str | None, "breaker": state,
-            "backend": str, "running_jobs": int}``.
+            "backend": "memory" | "redis", "backend_reachable": bool, "running_jobs": int}``.
         """
         error: str | None = None
         try:
@@ -595,7 +622,8 @@ class AsyncBulkProcessor:
             "upstream": reachable,
             "upstream_error": error,
             "breaker": await self._breaker.state(),
-            "backend": self.settings.backend.split("://", 1)[0],
+            "backend": "memory" if self._backend is None else "redis",
+            "backend_reachable": True if self._backend is None else await self._backend.ping(),
             "running_jobs": len(self._runs),
         }
 
@@ -979,15 +1007,15 @@ class AsyncBulkProcessor:
         The limiter comes first so that a half-open breaker's probe leaves as soon as it is
         granted (a probe that then waited for the limiter could outlive its lease).
         """
+
+        def on_wait(until: float) -> None:
+            self._waiting(run, WaitReason.RATE_LIMIT, until)
+
         while True:
-            until = await self._limiter.paused_until()
-            if until is not None:
-                self._waiting(run, WaitReason.RATE_LIMIT, until)
-            elif isinstance(self._limiter, MemoryRateLimiter):
-                wait = await self._limiter.wait_time(kind, path)
-                if wait > 0:
-                    self._waiting(run, WaitReason.RATE_LIMIT, time.time() + wait)
-            await self._limiter.acquire(kind, path)
+            if self._limiter_reports:
+                await self._limiter.acquire(kind, path, on_wait=on_wait)  # type: ignore[call-arg]
+            else:
+                await self._limiter.acquire(kind, path)
             try:
                 await self._breaker.before_call()
             except CircuitOpenError as exc:
@@ -1239,3 +1267,16 @@ def _reconcile(rows: list[JobRow], listed: list[Hospital]) -> tuple[list[JobRow]
         changed.append(row)
     surplus = [h for group in free.values() for h in group]
     return changed, surplus
+
+
+def _redis_backend(settings: Settings, client: Any) -> Any:
+    """The Redis backend of `settings` (or on `client`), imported only when asked for."""
+    try:
+        from .backends.redis import RedisBackend
+    except ImportError as exc:  # the redis extra is not installed
+        raise ConfigurationError(
+            "the Redis backend needs the redis extra: pip install 'hospital-bulk[redis]'"
+        ) from exc
+    return RedisBackend(
+        settings.backend if client is None else client, prefix=settings.redis_prefix
+    )

@@ -53,7 +53,7 @@ import limits
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["MemoryRateLimiter", "parse_rate"]
+__all__ = ["MemoryRateLimiter", "as_rate", "check_margin", "parse_rate"]
 
 # A window written with an explicit zero multiple ("10/0 seconds"): `limits` reads it as one.
 _ZERO_MULTIPLE: Final = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.IGNORECASE)
@@ -159,20 +159,11 @@ class MemoryRateLimiter:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
-        self._create_rate = _as_rate(create_rate, "create_rate")
-        self._other_rate = _as_rate(other_rate, "other_rate")
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, (int, float))
-            or not math.isfinite(margin)
-            or margin < 0
-        ):
-            raise ConfigurationError(
-                f"margin must be a finite number of seconds >= 0, not {margin!r}"
-            )
+        self._create_rate = as_rate(create_rate, "create_rate")
+        self._other_rate = as_rate(other_rate, "other_rate")
         if not callable(clock) or not callable(sleep):
             raise ConfigurationError("clock and sleep must be callables")
-        self._margin = float(margin)
+        self._margin = check_margin(margin)
         self._clock = clock
         self._sleep = sleep
         self._create_window = self._create_rate.get_expiry() + self._margin
@@ -206,7 +197,13 @@ class MemoryRateLimiter:
         """The length in seconds of each other path's window, margin included."""
         return self._other_window
 
-    async def acquire(self, kind: Literal["create", "other"], path: str = "") -> None:
+    async def acquire(
+        self,
+        kind: Literal["create", "other"],
+        path: str = "",
+        *,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         """Wait until one request of this kind may leave, and count it.
 
         Waits past any pause too. Waiting tasks of one budget are served in arrival order.
@@ -215,6 +212,7 @@ class MemoryRateLimiter:
         Args:
             kind: ``"create"`` for `POST /hospitals/`, ``"other"`` for every other call.
             path: The request path; every ``"other"`` path has a budget of its own.
+            on_wait: Called with the clock time a wait should end, before each wait.
 
         Raises:
             ConfigurationError: `kind` is neither ``"create"`` nor ``"other"``.
@@ -231,6 +229,8 @@ class MemoryRateLimiter:
                     if wait <= 0:
                         budget.record(now)
                         return
+                    if on_wait is not None:
+                        on_wait(now + wait)
                     await self._sleep(max(wait, _MIN_SLEEP))
         finally:
             budget.users -= 1
@@ -307,7 +307,19 @@ class MemoryRateLimiter:
                 del self._budgets[key]
 
 
-def _as_rate(value: str | limits.RateLimitItem, name: str) -> limits.RateLimitItem:
+def check_margin(margin: object) -> float:
+    """Return a rate margin as a float, or raise `ConfigurationError` unless finite and >= 0."""
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
+        raise ConfigurationError(f"margin must be a finite number of seconds >= 0, not {margin!r}")
+    return float(margin)
+
+
+def as_rate(value: str | limits.RateLimitItem, name: str) -> limits.RateLimitItem:
     if isinstance(value, limits.RateLimitItem):
         if value.amount < 1:
             raise ConfigurationError(f"{name} must allow at least one request, not {value!r}")

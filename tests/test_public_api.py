@@ -11,6 +11,7 @@ import hospital_bulk
 EXPECTED = [
     "AmbiguousOutcomeError",
     "AsyncBulkProcessor",
+    "BackendError",
     "BatchActivation",
     "BatchAlreadyActiveError",
     "BatchDeletion",

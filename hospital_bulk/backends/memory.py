@@ -87,7 +87,7 @@ def _copy_job(job: JobRecord, rows: list[JobRow]) -> JobRecord:
     )
 
 
-def _seconds(name: str, value: object) -> float:
+def check_seconds(name: str, value: object) -> float:
     """Return `value` as a float, or raise `ConfigurationError` unless it is a number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -113,7 +113,7 @@ class MemoryJobStore:
         retention: float = DEFAULT_RETENTION,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._retention = _seconds("retention", retention)
+        self._retention = check_seconds("retention", retention)
         self._clock = clock
         # Insertion order is creation order: `list_ids` relies on it.
         self._jobs: dict[str, JobRecord] = {}
@@ -258,7 +258,7 @@ class MemoryJobStore:
             JobStateError: Another owner holds a lease that has not expired.
         """
         job = self._live(job_id)
-        ttl = _seconds("ttl", ttl)
+        ttl = check_seconds("ttl", ttl)
         now = self._clock()
         held = self._leases.get(job_id)
         if held is not None and held.owner != owner and held.expires_at > now:
@@ -285,7 +285,7 @@ class MemoryJobStore:
         """
         self._check_token(job_id, token)
         held = self._leases[job_id]
-        ttl = _seconds("ttl", ttl)
+        ttl = check_seconds("ttl", ttl)
         self._leases[job_id] = dataclasses.replace(held, expires_at=self._clock() + ttl)
 
     async def release_lease(self, job_id: str, token: int) -> None:
@@ -421,7 +421,7 @@ class MemoryIdempotencyStore:
             raise ConfigurationError(
                 f"a fingerprint must be a non-empty string, got {fingerprint!r:.80}"
             )
-        seconds = _seconds("ttl", ttl)
+        seconds = check_seconds("ttl", ttl)
         self._purge(self._clock())
         held = self._claims.get(key)
         if held is not None:

@@ -27,12 +27,13 @@ import inspect
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from os import PathLike
 from types import TracebackType
-from typing import IO, Any, Literal, TypeVar, Union
+from typing import IO, Any, Literal, NoReturn, TypeVar, Union
 
 import anyio
 import httpx
@@ -43,6 +44,7 @@ from ._client import HospitalDirectoryClient
 from ._config import Settings
 from ._exceptions import (
     AmbiguousOutcomeError,
+    BackendError,
     BatchAlreadyActiveError,
     BatchFullError,
     BatchNotFoundError,
@@ -75,6 +77,9 @@ from ._retry import RetryPolicy
 from ._validation import ValidationReport, validate_csv
 from .backends.memory import MemoryIdempotencyStore, MemoryJobStore
 from .protocols import CircuitBreaker, IdempotencyStore, JobStore, RateLimiter
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["AsyncBulkProcessor", "JobEvent", "ProgressCallback"]
 
@@ -110,7 +115,8 @@ class JobEvent:
     Attributes:
         kind: What happened, in the past tense: ``job_started``, ``row_created``,
             ``row_rejected``, ``row_unknown``, ``row_deferred``, ``waiting``,
-            ``batch_activated``, ``job_finished``.
+            ``batch_activated``, ``job_finished``; ``snapshot`` first in `events`, and
+            ``progress`` for a change seen in a job that runs in another process.
         job_id: The job's id.
         snapshot: The job's progress right after it happened.
         row: The data-row number concerned, if any.
@@ -137,6 +143,7 @@ class _Run:
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     token: int | None = None
     lost: bool = False
+    store_error: HospitalBulkError | None = None
 
 
 class AsyncBulkProcessor:
@@ -576,11 +583,17 @@ class AsyncBulkProcessor:
             await self._jobs.save_job(job)
         return self._snapshot(job, None)
 
-    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: str, *, poll_interval: float = 0.5) -> AsyncIterator[JobEvent]:
         """Yield the events of a job until it ends (a ``waiting``-free snapshot first).
+
+        A job running in this processor streams every event as it happens. A job running in
+        another process (through a shared job store) is followed by reading its stored state
+        every `poll_interval` seconds: a ``progress`` event for every change seen, and
+        ``job_finished`` when it ends (or is found ``interrupted``).
 
         Args:
             job_id: The job's id.
+            poll_interval: Seconds between reads of a job that runs elsewhere.
 
         Yields:
             Events, starting with a ``snapshot`` event of the job as it is now.
@@ -594,9 +607,23 @@ class AsyncBulkProcessor:
             return
         send, receive = anyio.create_memory_object_stream[JobEvent](1000)
         self._subscribers.setdefault(job_id, []).append(send)
+        seen = _progress_key(snapshot)
         try:
             async with receive:
-                async for event in receive:
+                while True:
+                    event: JobEvent | None = None
+                    with anyio.move_on_after(poll_interval):
+                        event = await receive.receive()
+                    if event is None:
+                        if job_id in self._runs:
+                            continue
+                        # Not running here: follow its stored state (another process may).
+                        snapshot = await self.status(job_id)
+                        if _progress_key(snapshot) == seen:
+                            continue
+                        seen = _progress_key(snapshot)
+                        kind = "job_finished" if snapshot.status.terminal else "progress"
+                        event = JobEvent(kind, job_id, snapshot, message=snapshot.error)
                     yield event
                     if event.kind == "job_finished":
                         return
@@ -716,11 +743,16 @@ class AsyncBulkProcessor:
                     with run.scope:
                         try:
                             await self._execute(run)
-                        except LeaseLostError:
-                            run.lost = True
                         except Exception as exc:  # raised below, outside the task group
-                            failure = exc
+                            error = _first_error(exc)
+                            if isinstance(error, LeaseLostError):
+                                run.lost = True
+                            else:
+                                failure = error
                     tg.cancel_scope.cancel()
+                failure = failure or run.store_error
+                if isinstance(failure, (JobNotFoundError, BackendError)):
+                    await self._store_failed(run, failure)
                 if failure is not None:
                     raise failure
                 if run.lost:
@@ -739,7 +771,10 @@ class AsyncBulkProcessor:
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self._jobs.release_lease(job_id, run.token)
+                    try:
+                        await self._jobs.release_lease(job_id, run.token)
+                    except BackendError as exc:  # it lapses by itself; the error is raised
+                        logger.warning("Job %s: lease not released: %s", job_id, exc)
         finally:
             del self._runs[job_id]
             run.done.set()
@@ -758,6 +793,30 @@ class AsyncBulkProcessor:
                 run.lost = True
                 run.scope.cancel()
                 return
+            except (BackendError, JobNotFoundError) as exc:
+                run.store_error = exc
+                run.scope.cancel()
+                return
+
+    async def _store_failed(self, run: _Run, exc: HospitalBulkError) -> NoReturn:
+        """Stop a run whose job store failed or lost the job, and raise `BackendError`.
+
+        The job is marked failed (resumable) if the store still takes writes; nothing more
+        is sent either way, so nothing is guessed.
+        """
+        job_id = run.job.job_id
+        if isinstance(exc, JobNotFoundError):
+            message = (
+                f"job {job_id} vanished from the job store while it ran (its data was lost, "
+                "e.g. Redis restarted without persistence); this run stopped"
+            )
+        else:
+            message = f"job {job_id} stopped: the job store failed: {exc}"
+        logger.error("%s", message)
+        with anyio.CancelScope(shield=True), contextlib.suppress(HospitalBulkError):
+            await self._stopped(run, JobStatus.FAILED, message)
+        run.job.status = JobStatus.FAILED
+        raise BackendError(message) from exc
 
     async def _save_rows(self, run: _Run, rows: list[JobRow]) -> None:
         await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
@@ -1280,3 +1339,24 @@ def _redis_backend(settings: Settings, client: Any) -> Any:
     return RedisBackend(
         settings.backend if client is None else client, prefix=settings.redis_prefix
     )
+
+
+def _progress_key(snapshot: JobSnapshot) -> tuple[Any, ...]:
+    """What a follower compares to tell that a job changed."""
+    return (
+        snapshot.status,
+        tuple(sorted(snapshot.counts.items())),
+        len(snapshot.activated_batches),
+        snapshot.error,
+    )
+
+
+def _first_error(exc: Exception) -> Exception:
+    """The error to report from a task group's exception group: the library's, if any."""
+    while isinstance(exc, BaseExceptionGroup):
+        members = [e for e in exc.exceptions if isinstance(e, Exception)]
+        if not members:
+            break
+        ours = [e for e in members if isinstance(e, HospitalBulkError)]
+        exc = (ours or members)[0]
+    return exc

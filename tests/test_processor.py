@@ -16,6 +16,7 @@ from helpers import REPORT_KEYS, csv_bytes
 
 from hospital_bulk import (
     AsyncBulkProcessor,
+    BackendError,
     BulkProcessor,
     ConfigurationError,
     CSVValidationError,
@@ -402,6 +403,7 @@ async def test_health(fake):
     assert health["upstream"] is True
     assert health["breaker"] == "closed"
     assert health["backend"] == "memory"
+    assert health["backend_reachable"] is True
 
 
 async def test_the_sync_facade_works_inside_a_running_event_loop(fake):
@@ -562,3 +564,48 @@ async def test_rows_lost_upstream_are_reported(fake, caplog):
     assert "2 hospital(s) no longer upstream (did it restart?)" in caplog.text
     # While they were being sent again, the lost rows showed as pending, not as created.
     assert any(s.counts[RowState.PENDING] >= 2 for s in snapshots)
+
+
+async def test_events_follow_a_job_that_runs_in_another_worker():
+    slow = FakeDirectory(create_latency=0.05, create_rate=None, other_rate=None)
+    a, b = shared_processors(slow, concurrency=2)
+    async with a, b:
+        job = await a.submit(csv_bytes(6))
+        seen = []
+
+        async def follow():
+            async for event in b.events(job.job_id, poll_interval=0.01):
+                seen.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await anyio.sleep(0.02)
+            await a.run(job.job_id)
+    kinds = [event.kind for event in seen]
+    assert kinds[0] == "snapshot"
+    assert kinds[-1] == "job_finished"
+    assert seen[-1].snapshot.status is JobStatus.COMPLETED
+    assert "progress" in kinds
+    created = [
+        event.snapshot.counts[RowState.CREATED] for event in seen if event.kind == "progress"
+    ]
+    assert any(0 < n < 6 for n in created), created  # rows were seen landing one by one
+
+
+async def test_a_job_the_store_loses_mid_run_stops_with_a_backend_error(fake):
+    from hospital_bulk.backends.memory import MemoryIdempotencyStore, MemoryJobStore
+
+    jobs = MemoryJobStore()
+    async with processor(
+        fake, job_store=jobs, idempotency_store=MemoryIdempotencyStore(jobs), concurrency=1
+    ) as p:
+        job = await p.submit(csv_bytes(5))
+
+        async def lose_it(snapshot):  # the store loses the job (a Redis restart, say)
+            if snapshot.counts[RowState.CREATED] == 2 and job.job_id in await jobs.list_ids():
+                await jobs.delete(job.job_id)
+
+        with pytest.raises(BackendError, match="vanished from the job store"):
+            await p.run(job.job_id, on_progress=lose_it)
+    assert fake.duplicates() == []
+    assert len(fake.hospitals) <= 3  # it stopped at the next write; nothing was guessed

@@ -282,21 +282,33 @@ end
 """
 
 # Shared by create and claim: store a new job. KEYS: job, rows, lease, jobs, expiring, staging.
-# ARGV[a..]: job_id, created_at, data, row count, now, then the rows as index/JSON pairs.
+# ARGV[a..]: job_id, created_at, data, row count, now, deadline ('' = none: not terminal),
+# ttl_ms (of the deadline), then the rows as index/JSON pairs.
+# The staging key's name is unique to one creation (a nonce): it is kept in the job as
+# ``creation``, so a script re-sent by the client (after a connection error) is told from
+# another creation with the same id, whatever the job's fields.
 # Returns 1 (created), 0 (the id is taken), 2 (this very creation ran already: re-sent).
 _LUA_CREATE = """
-local function create(keys, job_id, created_at, data, count, now, args, first)
+local function create(keys, job_id, created_at, data, count, now, deadline, ttl, args, first)
   if live(keys[1], keys[2], keys[3], keys[4], keys[5], job_id, now) then
     redis.call('del', keys[6])
-    if redis.call('hget', keys[1], 'data') == data then return 2 end
+    if redis.call('hget', keys[1], 'creation') == keys[6] then return 2 end
     return 0
   end
-  redis.call('del', keys[2], keys[3])
+  redis.call('del', keys[1], keys[2], keys[3])
   if redis.call('exists', keys[6]) == 1 then redis.call('rename', keys[6], keys[2]) end
   hset_pairs(keys[2], args, first)
   redis.call('persist', keys[2])
-  redis.call('hset', keys[1], 'data', data, 'rows', count, 'deadline', '')
+  redis.call('hset', keys[1], 'data', data, 'rows', count, 'deadline', deadline,
+    'creation', keys[6])
   redis.call('zadd', keys[4], created_at, job_id)
+  if deadline == '' then
+    redis.call('zrem', keys[5], job_id)
+  else
+    local ms = math.max(1, tonumber(ttl))
+    redis.call('pexpire', keys[1], ms); redis.call('pexpire', keys[2], ms)
+    redis.call('zadd', keys[5], deadline, job_id)
+  end
   return 1
 end
 """
@@ -305,7 +317,8 @@ _CREATE = (
     _LUA_LIVE
     + _LUA_CREATE
     + """
-return create(KEYS, ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV, 6)
+return create(KEYS, ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7],
+  ARGV, 8)
 """
 )
 
@@ -324,7 +337,8 @@ if held[1] and tonumber(held[3]) >= now then
   return {'same', held[2]}
 end
 local job_keys = {KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]}
-local made = create(job_keys, ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV, 11)
+local made = create(job_keys, ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV[11], ARGV[12],
+  ARGV, 13)
 if made == 0 then return {'taken', ARGV[6]} end
 redis.call('hset', KEYS[1], 'fingerprint', ARGV[2], 'job_id', ARGV[6], 'expires_at', ARGV[3])
 redis.call('pexpire', KEYS[1], ARGV[4])

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from redis_support import answers, delete_prefix, redis_server, database_url
+from redis_support import answers, database_url, delete_prefix, redis_server
 
 
 @pytest.fixture

@@ -1,17 +1,28 @@
-"""Tests of `parse_rate` and `MemoryRateLimiter`, on a fake clock (nothing sleeps for real)."""
+"""Tests of `parse_rate` and the rate limiters.
+
+`MemoryRateLimiter` runs on a fake clock (nothing sleeps for real). `RedisRateLimiter` keeps
+its windows in `limits`' Redis storage, which reads the wall clock, so its tests (at the end)
+wait for real, on windows of one second.
+"""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
 import limits
 import pytest
+import redis.asyncio as aioredis
 from helpers import max_in_any_window
+from redis.exceptions import RedisError
+from redis_support import free_port
 
-from hospital_bulk._exceptions import ConfigurationError
+from hospital_bulk._exceptions import BackendError, ConfigurationError
 from hospital_bulk._ratelimit import MemoryRateLimiter, parse_rate
+from hospital_bulk.backends.redis import RedisKeys, RedisRateLimiter
 from hospital_bulk.protocols import RateLimiter
 
 T0 = 1_700_000_000.123
@@ -314,3 +325,160 @@ async def test_a_cancelled_wait_counts_nothing_and_frees_the_queue() -> None:
     await limiter.acquire("create")  # two fit: the cancelled waiters took no slot
     assert clock.sleeps == []
     assert await limiter.wait_time("create") == pytest.approx(60.0)
+
+
+# --- Redis: one budget for every process (real time: `limits` reads the wall clock) ---------
+
+
+@pytest.fixture
+async def redis_clients(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
+    """Two clients of the tests' database: two processes, as far as Redis can tell."""
+    first = aioredis.Redis.from_url(redis_url)
+    second = aioredis.Redis.from_url(redis_url)
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+def redis_limiter(client: aioredis.Redis, prefix: str, **kwargs: object) -> RedisRateLimiter:
+    return RedisRateLimiter(client, keys=RedisKeys(prefix), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_redis_limiters_share_one_budget(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    a, b = (
+        redis_limiter(client, redis_prefix, create_rate="3/1 second", margin=0)
+        for client in redis_clients
+    )
+    assert isinstance(a, RateLimiter)
+    times: list[float] = []
+
+    async def send(limiter: RedisRateLimiter) -> None:
+        await limiter.acquire("create")
+        times.append(time.time())
+
+    start = time.time()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for limiter in (a, b, a, b, a, b):
+                tg.start_soon(send, limiter)
+
+    assert len(times) == 6
+    # Three went at once, the other three one window later: the two share one budget.
+    assert max(times) - start >= 0.95
+    # `limits` stamps an acquire just before it returns here: allow that moment of slack.
+    assert max_in_any_window(times, 1.0 - 0.02) == 3
+
+
+@pytest.mark.anyio
+async def test_a_redis_pause_holds_every_process_and_never_shortens(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    a, b = (redis_limiter(client, redis_prefix, margin=0) for client in redis_clients)
+    assert await a.paused_until() is None
+    await a.pause(0)  # nothing to pause
+    assert await b.paused_until() is None
+
+    start = time.time()
+    await a.pause(0.6)
+    await b.pause(0.1)  # shorter: ignored
+    for limiter in (a, b):
+        until = await limiter.paused_until()
+        assert until is not None
+        assert until == pytest.approx(start + 0.6, abs=0.1)
+
+    waits: list[float] = []
+    with anyio.fail_after(5):
+        await b.acquire("other", "/hospitals/", on_wait=waits.append)
+    assert time.time() - start >= 0.55
+    assert waits
+    assert waits[0] == pytest.approx(start + 0.6, abs=0.1)
+    assert await a.paused_until() is None
+
+
+@pytest.mark.anyio
+async def test_redis_paths_have_their_own_budgets_and_on_wait_sees_the_wait_end(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    limiter = redis_limiter(
+        redis_clients[0], redis_prefix, create_rate="1/1 second", other_rate="1/1 second", margin=0
+    )
+    waits: list[tuple[float, float]] = []
+
+    def on_wait(until: float) -> None:
+        waits.append((time.time(), until))
+
+    first = time.time()
+    await limiter.acquire("other", "/a", on_wait=on_wait)
+    await limiter.acquire("other", "/b", on_wait=on_wait)  # another path: no wait
+    await limiter.acquire("create", on_wait=on_wait)  # creates: a budget of their own
+    assert waits == []
+
+    with anyio.fail_after(5):
+        await limiter.acquire("other", "/a", on_wait=on_wait)
+    done = time.time()
+
+    assert waits, "the second acquire of /a waited without telling on_wait"
+    called, until = waits[0]
+    assert until > called  # a time in the future
+    assert until == pytest.approx(first + 1.0, abs=0.1)
+    assert done >= until - 0.01
+    assert done - first >= 0.95
+
+
+def test_redis_window_rounds_the_margin_up_to_whole_seconds() -> None:
+    client = aioredis.Redis(port=free_port())  # never connects: constructing sends nothing
+    assert redis_limiter(client, "p", create_rate="3/1 second", margin=0.5).create_window == 2
+    assert redis_limiter(client, "p", create_rate="3/1 second", margin=0).create_window == 1
+    limiter = redis_limiter(client, "p", create_rate="3/1 second", other_rate="50/minute")
+    assert (limiter.create_window, limiter.other_window) == (2, 61)
+
+
+@pytest.mark.parametrize("margin", [-0.1, math.nan, math.inf, "1", True])
+def test_redis_limiter_rejects_bad_margin(margin: object) -> None:
+    with pytest.raises(ConfigurationError, match="margin"):
+        redis_limiter(aioredis.Redis(port=free_port()), "p", margin=margin)
+
+
+def test_redis_limiter_rejects_bad_rates() -> None:
+    client = aioredis.Redis(port=free_port())
+    with pytest.raises(ConfigurationError, match="other_rate"):
+        redis_limiter(client, "p", other_rate="lots")
+    with pytest.raises(ConfigurationError, match="create_rate"):
+        redis_limiter(client, "p", create_rate=limits.RateLimitItemPerMinute(0))
+
+
+@pytest.mark.anyio
+async def test_redis_limiter_rejects_a_bad_kind_and_bad_pauses(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    limiter = redis_limiter(redis_clients[0], redis_prefix)
+    with pytest.raises(ConfigurationError, match="kind"):
+        await limiter.acquire("delete")  # type: ignore[arg-type]
+    for seconds in (-1, math.nan, math.inf, "1", True):
+        with pytest.raises(ConfigurationError, match="pause"):
+            await limiter.pause(seconds)  # type: ignore[arg-type]
+    assert await limiter.paused_until() is None
+
+
+@pytest.mark.anyio
+async def test_unreachable_redis_is_a_backend_error_quickly() -> None:
+    client = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, socket_timeout=0.5
+    )
+    limiter = redis_limiter(client, "hbtest-unreachable", margin=0)
+    try:
+        with anyio.fail_after(3):
+            with pytest.raises(BackendError, match="unreachable") as caught:
+                await limiter.acquire("create")
+            assert not isinstance(caught.value, RedisError)
+            with pytest.raises(BackendError, match="unreachable"):
+                await limiter.acquire("other", "/hospitals/")
+            with pytest.raises(BackendError, match="unreachable"):
+                await limiter.pause(1)
+            with pytest.raises(BackendError, match="unreachable"):
+                await limiter.paused_until()
+    finally:
+        await client.aclose()

@@ -3,8 +3,11 @@
 Every test here speaks to the stores through the Protocols (`JobStore`, `IdempotencyStore`)
 plus the housekeeping methods every backend provides (`list_ids`, `delete`, `list_keys`), via the
 `job_store` / `idempotency_store` fixtures. A new backend plugs in by adding its name to
-`BACKENDS` and a branch to `make_job_store` / `make_idempotency_store`. Tests at the end
-that look inside `MemoryJobStore` / `MemoryIdempotencyStore` are for the memory backend only.
+`BACKENDS` and a branch to `make_job_store` / `make_idempotency_store`. The Redis runs use the
+tests' real Redis (`redis_url`) with a key prefix of their own, on the same fake clock; the
+memory runs never touch Redis. Memory only: the tests that wrap the job store in a custom one
+(`GatedJobStore`, `FailingJobStore`; see `memory_job_store`), and the tests at the end that
+look inside `MemoryJobStore` / `MemoryIdempotencyStore`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import copy
 import dataclasses
 import math
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -34,9 +37,12 @@ from hospital_bulk._jobs import JobRecord, JobRow, JobStatus, RowState
 from hospital_bulk.backends.memory import MemoryIdempotencyStore, MemoryJobStore
 from hospital_bulk.protocols import IdempotencyStore, JobStore
 
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 START = 1_750_000_000.0
 RETENTION = 3600.0
@@ -85,10 +91,31 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_job_store(backend: str, clock: FakeClock) -> Callable[..., HousekeptJobStore]:
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the tests' Redis database, closed after the test."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def make_job_store(
+    backend: str, clock: FakeClock, request: pytest.FixtureRequest
+) -> Callable[..., HousekeptJobStore]:
+    # Redis is only asked for when the Redis backend runs: memory runs never need a server.
+    if backend == "redis":
+        from hospital_bulk.backends.redis import RedisJobStore, RedisKeys
+
+        client = request.getfixturevalue("redis_client")
+        keys = RedisKeys(request.getfixturevalue("redis_prefix"))
+
     def make(*, retention: float = RETENTION) -> HousekeptJobStore:
         if backend == "memory":
             return MemoryJobStore(retention=retention, clock=clock)
+        if backend == "redis":
+            return RedisJobStore(client, keys=keys, retention=retention, clock=clock)
         raise AssertionError(f"unknown backend {backend!r}")
 
     return make
@@ -106,9 +133,24 @@ def make_idempotency_store(
     def make(jobs: JobStore) -> HousekeptIdempotencyStore:
         if backend == "memory":
             return MemoryIdempotencyStore(jobs, clock=clock)
+        if backend == "redis":
+            from hospital_bulk.backends.redis import RedisIdempotencyStore, RedisJobStore
+
+            assert isinstance(jobs, RedisJobStore)
+            return RedisIdempotencyStore(jobs, clock=clock)
         raise AssertionError(f"unknown backend {backend!r}")
 
     return make
+
+
+@pytest.fixture
+def memory_job_store(clock: FakeClock) -> MemoryJobStore:
+    """For the tests that wrap the job store in a custom one (`GatedJobStore`,
+    `FailingJobStore`): only `MemoryIdempotencyStore` creates its jobs in any `JobStore`
+    (`RedisIdempotencyStore` creates them inside its claiming script), so those tests are
+    for the memory backend only. Their Redis counterparts are in test_redis_backend.py.
+    """
+    return MemoryJobStore(retention=RETENTION, clock=clock)
 
 
 @pytest.fixture
@@ -455,8 +497,11 @@ async def test_unknown_ids_raise_job_not_found(job_store: HousekeptJobStore) -> 
 
 
 async def test_list_ids_is_oldest_first_and_delete_removes(job_store: HousekeptJobStore) -> None:
-    for job_id in ["c", "a", "b"]:
-        await job_store.create(make_job(job_id, rows=1))
+    # Each job is created a little later than the one before, as a processor creates them
+    # (`created_at` is the time of creation): the memory store lists in creation order, the
+    # Redis store by `created_at` (jobs of many processes), and the two agree on that.
+    for n, job_id in enumerate(["c", "a", "b"]):
+        await job_store.create(make_job(job_id, rows=1, created_at=START + n))
     # Saving a job does not move it.
     await job_store.save_job(make_job("c", rows=1, status=JobStatus.RUNNING))
 
@@ -467,7 +512,7 @@ async def test_list_ids_is_oldest_first_and_delete_removes(job_store: HousekeptJ
     assert await job_store.list_ids() == ["c", "b"]
     with pytest.raises(JobNotFoundError):
         await job_store.get("a")
-    await job_store.create(make_job("a", rows=1))
+    await job_store.create(make_job("a", rows=1, created_at=START + 3))
     assert await job_store.list_ids() == ["c", "b", "a"]
 
 
@@ -575,7 +620,7 @@ async def test_expired_jobs_are_purged_on_the_next_create(
     assert len(await job_store.list_ids()) == 1001
 
     clock.advance(RETENTION + 1)
-    await job_store.create(make_job("new", rows=2))
+    await job_store.create(make_job("new", rows=2, created_at=clock.now))
 
     assert await job_store.list_ids() == ["running", "new"]
     with pytest.raises(JobNotFoundError):
@@ -735,12 +780,16 @@ async def test_twenty_concurrent_claims_create_one_job(
 
 
 async def test_concurrent_claims_with_a_yielding_job_store_create_one_job(
+    backend: str,
     make_idempotency_store: Callable[[JobStore], HousekeptIdempotencyStore],
     job_store: HousekeptJobStore,
 ) -> None:
-    # create() yields to the event loop, so the other claims run while the first one creates.
-    gated = GatedJobStore(job_store)
-    store = make_idempotency_store(gated)
+    # Memory: create() yields to the event loop, so the other claims run while the first one
+    # creates, and see the key "in progress". Redis: every claim is a network round trip (the
+    # claims interleave as much), but claiming and creating are one script, so a key is never
+    # seen in progress: `RedisIdempotencyStore` never raises `IdempotencyInProgressError`.
+    gated = GatedJobStore(job_store) if backend == "memory" else None
+    store = make_idempotency_store(job_store if gated is None else gated)
     results: list[str] = []
     in_progress = 0
 
@@ -760,20 +809,23 @@ async def test_concurrent_claims_with_a_yielding_job_store_create_one_job(
             for n in range(20):
                 tg.start_soon(submit, n)
 
-    assert in_progress > 0
-    assert gated.creates == 1
+    if gated is not None:
+        assert in_progress > 0
+        assert gated.creates == 1
+    else:
+        assert in_progress == 0
     assert len(results) == 20
     assert len(set(results)) == 1
     assert await job_store.list_ids() == results[:1]
 
 
 async def test_a_claim_still_creating_its_job_blocks_other_claims(
-    make_idempotency_store: Callable[[JobStore], HousekeptIdempotencyStore],
-    job_store: HousekeptJobStore,
+    memory_job_store: MemoryJobStore, clock: FakeClock
 ) -> None:
+    job_store = memory_job_store
     gate = anyio.Event()
     gated = GatedJobStore(job_store, gate=gate)
-    store = make_idempotency_store(gated)
+    store = MemoryIdempotencyStore(gated, clock=clock)
     first: list[str] = []
 
     async def submit_first() -> None:
@@ -803,11 +855,11 @@ async def test_a_claim_still_creating_its_job_blocks_other_claims(
 
 
 async def test_a_failed_creation_frees_the_key(
-    make_idempotency_store: Callable[[JobStore], HousekeptIdempotencyStore],
-    job_store: HousekeptJobStore,
+    memory_job_store: MemoryJobStore, clock: FakeClock
 ) -> None:
+    job_store = memory_job_store
     failing = FailingJobStore(job_store)
-    store = make_idempotency_store(failing)
+    store = MemoryIdempotencyStore(failing, clock=clock)
 
     with pytest.raises(RuntimeError, match="down"):
         await store.claim("key-1", "fp-A", make_job("job-1"), ttl=TTL)
@@ -832,12 +884,12 @@ async def test_a_refused_job_frees_the_key(
 
 
 async def test_a_cancelled_claim_frees_the_key(
-    make_idempotency_store: Callable[[JobStore], HousekeptIdempotencyStore],
-    job_store: HousekeptJobStore,
+    memory_job_store: MemoryJobStore, clock: FakeClock
 ) -> None:
+    job_store = memory_job_store
     gate = anyio.Event()
     gated = GatedJobStore(job_store, gate=gate)
-    store = make_idempotency_store(gated)
+    store = MemoryIdempotencyStore(gated, clock=clock)
 
     async def submit() -> None:
         await store.claim("key-1", "fp-A", make_job("job-1"), ttl=TTL)

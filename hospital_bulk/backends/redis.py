@@ -106,7 +106,7 @@ class RedisKeys:
 
     | key | type | holds |
     |---|---|---|
-    | ``{prefix}:job:{id}`` | hash | ``data`` (fields, JSON), ``rows`` (count), ``deadline`` |
+    | ``{prefix}:job:{id}`` | hash | ``data`` (JSON), ``rows`` (count), ``deadline``, ``creation`` |
     | ``{prefix}:job:{id}:rows`` | hash | row index -> the row (a JSON array) |
     | ``{prefix}:job:{id}:lease`` | hash | ``owner``, ``token`` (fencing), ``expires_at`` |
     | ``{prefix}:job:{id}:staging:{n}`` | hash | rows of a large job being created (1 h at most) |
@@ -201,7 +201,7 @@ def connect(target: str | aioredis.Redis | aioredis.ConnectionPool) -> aioredis.
         The client.
 
     Raises:
-        ConfigurationError: The URL cannot be read.
+        ConfigurationError: The URL cannot be read, or names a database that is not a number.
     """
     if isinstance(target, aioredis.Redis):
         return target
@@ -211,6 +211,16 @@ def connect(target: str | aioredis.Redis | aioredis.ConnectionPool) -> aioredis.
         raise ConfigurationError(
             f"a Redis backend needs a URL, a client or a connection pool, not {target!r:.80}"
         )
+    # redis-py reads a database path that is not a number as database 0, silently: a typo
+    # would share another application's database.
+    scheme, _, rest = target.partition("://")
+    if scheme in ("redis", "rediss"):
+        path = rest.split("?", 1)[0].split("#", 1)[0].partition("/")[2]
+        if path not in ("", "/") and not path.rstrip("/").isdigit():
+            raise ConfigurationError(
+                "cannot read the Redis URL: its database must be a number, as in "
+                "redis://host:6379/0"
+            )
     try:
         return aioredis.Redis.from_url(
             target,
@@ -700,15 +710,28 @@ class RedisJobStore:
                 pipe.pexpire(staging, _STAGING_TTL_MS)
                 await pipe.execute()
         keys = [*self._job_keys(job.job_id), staging]
+        now = self._clock()
+        # A job stored terminal (an import of a finished job) starts its retention at once.
+        deadline, ttl_ms = self._deadline(job, now)
         args: list[str | int | float] = [
             job.job_id,
             repr(job.created_at),
             _dump_job(job),
             len(job.rows),
-            repr(self._clock()),
+            repr(now),
+            deadline,
+            ttl_ms,
             *_row_args(inline),
         ]
         return keys, args
+
+    def _deadline(self, job: JobRecord, now: float) -> tuple[str, int]:
+        """The job's retention deadline as stored ('' = none) and the milliseconds to it."""
+        if not job.status.terminal or not math.isfinite(self._retention):
+            return "", 0
+        finished = job.finished_at if job.finished_at is not None else job.created_at
+        deadline = finished + self._retention
+        return repr(deadline), math.ceil((deadline - now) * 1000)
 
     async def get(self, job_id: str) -> JobRecord:
         """Return a job with its rows, read in one transaction.
@@ -781,17 +804,13 @@ class RedisJobStore:
             BackendError: Redis failed.
         """
         now = self._clock()
-        deadline: float | None = None
-        if job.status.terminal and math.isfinite(self._retention):
-            finished = job.finished_at if job.finished_at is not None else job.created_at
-            deadline = finished + self._retention
-        ttl_ms = 0 if deadline is None else math.ceil((deadline - now) * 1000)
+        deadline, ttl_ms = self._deadline(job, now)
         args = [
             job.job_id,
             repr(now),
             "" if token is None else token,
             _dump_job(job),
-            "" if deadline is None else repr(deadline),
+            deadline,
             ttl_ms,
         ]
         async with _redis_errors(self._client, "save a job"):
@@ -1215,9 +1234,7 @@ class RedisCircuitBreaker:
             repr(float(recovery_time)),
             repr(min(1.0, float(recovery_time))),
         ]
-        self._needs_success = failure_rate is not None
         self._script = client.register_script(_BREAKER)
-        self._quiet = False  # the last reply said: closed, no failures counted
         self._fallback_until = -math.inf
 
     @property
@@ -1240,9 +1257,11 @@ class RedisCircuitBreaker:
             raise CircuitOpenError(self._name, retry_at=reply.retry_at)
 
     async def record_success(self) -> None:
-        """Report that the call allowed by `before_call` succeeded (or failed harmlessly)."""
-        if self._quiet and not self._needs_success and time.monotonic() >= self._fallback_until:
-            return  # closed with no failures counted: a success changes nothing
+        """Report that the call allowed by `before_call` succeeded (or failed harmlessly).
+
+        Always one step in Redis, even when this process last saw no failures: another
+        process may have counted one since, and this success ends that run of failures.
+        """
         if await self._step("success") is None:
             await self._local.record_success()
 
@@ -1291,7 +1310,6 @@ class RedisCircuitBreaker:
             logger.info("Circuit breaker '%s': Redis is back; shared state again", self._name)
             self._fallback_until = -math.inf
         reply = _BreakerReply.parse(raw, self._clock)
-        self._quiet = reply.state == "closed" and reply.failures == 0
         for change in reply.changes:
             old, new = change.split(">")
             if old != new:

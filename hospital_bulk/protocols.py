@@ -175,6 +175,7 @@ class JobStore(Protocol):
             ttl: How long the lease lasts from now, in seconds.
 
         Raises:
+            JobNotFoundError: The job is gone (expired, deleted, or lost with the store's data).
             LeaseLostError: `token` is not the latest lease's (another worker took over).
         """
         ...

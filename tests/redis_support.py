@@ -110,11 +110,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def delete_prefix(url: str, prefix: str) -> None:
-    """Delete every key under `prefix` (never the rest of the database)."""
+    """Delete every key whose name starts with `prefix` (never the rest of the database)."""
     client = redis.Redis.from_url(url)
     try:
         batch = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
             batch.append(key)
             if len(batch) >= 1000:
                 client.delete(*batch)

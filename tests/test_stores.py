@@ -1039,4 +1039,6 @@ async def test_a_stale_token_cannot_write(job_store: HousekeptJobStore, clock: F
 async def test_leases_of_unknown_jobs(job_store: HousekeptJobStore) -> None:
     with pytest.raises(JobNotFoundError):
         await job_store.acquire_lease("nope", "worker-a", 10.0)
+    with pytest.raises(JobNotFoundError):  # a lost job is not a lost lease
+        await job_store.renew_lease("nope", 1, 10.0)
     assert await job_store.lease("nope") is None

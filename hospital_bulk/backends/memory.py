@@ -281,8 +281,10 @@ class MemoryJobStore:
             ttl: Seconds the lease lasts from now.
 
         Raises:
+            JobNotFoundError: The job is gone (expired or deleted).
             LeaseLostError: `token` is not the latest lease's.
         """
+        self._live(job_id)
         self._check_token(job_id, token)
         held = self._leases[job_id]
         ttl = check_seconds("ttl", ttl)

@@ -441,12 +441,19 @@ return {token}
 """
 )
 
-# KEYS: lease. ARGV: token, expires_at. Returns 1 or -2 (stale token).
-_RENEW = """
-if redis.call('hget', KEYS[1], 'token') ~= ARGV[1] then return -2 end
-redis.call('hset', KEYS[1], 'expires_at', ARGV[2])
+# KEYS: job, rows, lease, jobs, expiring. ARGV: job_id, now, token, expires_at.
+# Returns 1, -1 (the job is gone: a lost job is not a lost lease) or -2 (stale token).
+_RENEW = (
+    _LUA_LIVE
+    + """
+if not live(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2])) then
+  return -1
+end
+if redis.call('hget', KEYS[3], 'token') ~= ARGV[3] then return -2 end
+redis.call('hset', KEYS[3], 'expires_at', ARGV[4])
 return 1
 """
+)
 
 # KEYS: lease. ARGV: token. Gives the lease up when the token is the latest; keeps the token.
 _RELEASE = """
@@ -886,14 +893,16 @@ class RedisJobStore:
             ttl: Seconds the lease lasts from now.
 
         Raises:
+            JobNotFoundError: The job is gone (expired, deleted, or lost with Redis's data).
             LeaseLostError: `token` is not the latest lease's.
             BackendError: Redis failed.
         """
         seconds = check_seconds("ttl", ttl)
+        now = self._clock()
         async with _redis_errors(self._client, "renew a lease"):
             answer = int(
                 await self._renew(
-                    [self._keys.lease(job_id)], [token, repr(self._clock() + seconds)]
+                    self._job_keys(job_id), [job_id, repr(now), token, repr(now + seconds)]
                 )
             )
         self._check(answer, job_id, token)

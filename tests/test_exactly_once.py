@@ -432,14 +432,14 @@ async def one_run(processor: AsyncBulkProcessor, trigger: Trigger, *, first: boo
     return await processor.result(job_id)
 
 
-async def run_schedule(schedule: Schedule) -> Outcome:
+async def run_schedule(schedule: Schedule, **options: Any) -> Outcome:
     """Submit the schedule's file, cancel it once, resume it until it completes."""
     fake = FakeDirectory(
         seed=schedule.seed, create_rate=None, other_rate=None, faults=random_faults()
     )
     tap = Tap(fake.transport())
     statuses: list[str] = []
-    async with seeded_processor(schedule.seed, tap) as processor:
+    async with seeded_processor(schedule.seed, tap, **options) as processor:
         result, fired = await run_until_completed(processor, schedule, tap, statuses)
     return Outcome(schedule, fake, tap, result, fired, statuses)
 
@@ -547,6 +547,31 @@ async def test_seeded_fault_schedules_create_every_row_exactly_once(seeds: list[
     assert counts["runs ended cancelled"] > 0, f"no run was cancelled in seeds {seeds}"
     for fault in ("error", "timeout_after_commit", "reset_after_commit", "rate_limit"):
         assert counts[f"fault {fault}"] > 0, f"no {fault} in seeds {seeds}"
+
+
+REDIS_SEEDS = list(range(3001, 3021))
+
+
+async def test_seeded_fault_schedules_with_the_redis_stores_and_breaker(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The same machinery with its jobs, keys and breaker in a real Redis."""
+    started = time.perf_counter()
+    outcomes = [
+        await run_schedule(make_schedule(seed), backend=redis_url, redis_prefix=redis_prefix)
+        for seed in REDIS_SEEDS
+    ]
+    counts = figures(outcomes)
+    elapsed = time.perf_counter() - started
+    SUMMARY_LINES.append(
+        format_figures(f"redis seeds {REDIS_SEEDS[0]}-{REDIS_SEEDS[-1]} in {elapsed:.2f} s", counts)
+    )
+    problems = [problem for outcome in outcomes for problem in outcome.problems()]
+    assert problems == [], "\n".join(problems)
+    assert counts["jobs completed"] == len(REDIS_SEEDS)
+    assert counts["cancellations fired"] >= len(REDIS_SEEDS) * 0.75
+    for fault in ("error", "timeout_after_commit", "reset_after_commit", "rate_limit"):
+        assert counts[f"fault {fault}"] > 0, f"no {fault} in the Redis seeds"
 
 
 # -- a permanent outage -------------------------------------------------------------------------

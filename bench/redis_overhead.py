@@ -1,0 +1,683 @@
+"""What the Redis backends cost the client, per row, next to the memory backends and bare httpx.
+
+One job (``--rows`` hospitals, ``--concurrency`` requests in flight, batches of 20) is run
+against the fake upstream three ways, in the same run of this script:
+
+* ``bare httpx``: a plain `httpx.AsyncClient` loop sending the requests the processor sends
+  on a fault-free job: ``GET /`` (warm-up), the creates (``POST /hospitals/``, the same
+  concurrency), one ``GET /hospitals/batch/{id}`` per batch (the processor's pre-activation
+  audit), one ``PATCH /hospitals/batch/{id}/activate`` per batch. The floor: HTTP only.
+* ``memory``: `AsyncBulkProcessor` with the in-memory backends.
+* ``redis``: `AsyncBulkProcessor` with the Redis backends (``--redis-url``, a key prefix of
+  its own per run, deleted after the run; never a flush).
+
+The fake upstream (`hospital_bulk.testing`) runs in a process of its own (uvicorn on loopback,
+no create latency, no rate limits, no faults) and is reset between runs, so the client
+process's CPU time (`time.process_time`, every thread of this process) is the client's work
+alone. Each variant runs ``--repeat`` times (after ``--warmup`` untimed runs, in rotating
+order); the medians are reported. The upstream's request log is checked after every run: every
+row created once and active, and the same requests for every variant.
+
+Redis round trips are counted in one extra, untimed run of the Redis variant, by wrapping the
+redis-py connection's ``send_packed_command``: one call is one round trip (a single command,
+one ``EVALSHA`` of a Lua script, or a whole pipeline), connection set-up included. The server's
+``INFO commandstats`` is diffed around that run too (commands executed, those run inside Lua
+scripts included; server-wide, so other clients of that Redis would count).
+
+Usage::
+
+    .venv/bin/python bench/redis_overhead.py [--rows 2000] [--repeat 3] [--json out.json]
+        [--profile redis.prof]
+
+Writes ``bench/results/redis_overhead.json`` by default and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import csv
+import gc
+import hashlib
+import io
+import json
+import os
+import platform
+import pstats
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import redis
+import redis.asyncio.connection as redis_connection
+
+import hospital_bulk
+from hospital_bulk import AsyncBulkProcessor, JobStatus
+from hospital_bulk.backends import redis as redis_backend
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_JSON = HERE / "results" / "redis_overhead.json"
+VARIANTS = ("bare", "memory", "redis")
+LABELS = {"bare": "bare httpx", "memory": "processor, memory", "redis": "processor, Redis"}
+# A budget the limiter never waits for (and `rate_margin=0`).
+UNLIMITED = "1000000/minute"
+BATCH = 20
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(redis_url: str) -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    server = redis.Redis.from_url(redis_url)
+    try:
+        redis_server = server.info("server")["redis_version"]
+    finally:
+        server.close()
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "uname": subprocess.run(
+            ["uname", "-a"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or " ".join(platform.uname()),
+        "cpu_model": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "hospital_bulk": hospital_bulk.__version__,
+        "hospital_bulk_commit": commit,
+        "httpx": _version("httpx"),
+        "redis_py": _version("redis"),
+        "hiredis": _version("hiredis"),
+        "limits": _version("limits"),
+        "anyio": _version("anyio"),
+        "pydantic": _version("pydantic"),
+        "uvicorn": _version("uvicorn"),
+        "redis_server": redis_server,
+        "event_loop": "asyncio (stdlib)",
+    }
+
+
+# -- the fake upstream, in a process of its own ----------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far, from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@contextmanager
+def fake_upstream(rows: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m hospital_bulk.testing`` on a free loopback port: fast and unlimited."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "hospital_bulk.testing",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--create-latency", "0",
+        "--no-rate-limits",
+        "--max-hospitals", str(max(10_000, 2 * rows)),
+        "--max-concurrent-creates", "1000",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-2000:]
+                    raise RuntimeError(f"the fake upstream exited: {tail}")
+                try:
+                    if httpx.get(f"{url}/__fake__/state", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the fake upstream did not start within 30 s")
+                time.sleep(0.1)
+            yield url, process
+        finally:
+            process.terminate()  # the process this function started, by its handle
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def fake_control(url: str, action: str) -> Any:
+    method = "GET" if action == "state" else "POST"
+    response = httpx.request(method, f"{url}/__fake__/{action}", timeout=60)
+    response.raise_for_status()
+    return response.json()
+
+
+def check_upstream(url: str, rows: int) -> dict[str, int]:
+    """Every row created exactly once and active; return the requests seen, by route."""
+    state = fake_control(url, "state")
+    hospitals = state["hospitals"]
+    names = Counter(h["name"] for h in hospitals)
+    if len(hospitals) != rows or len(names) != rows:
+        raise RuntimeError(f"expected {rows} distinct hospitals, found {len(hospitals)}")
+    if not all(h["active"] for h in hospitals):
+        raise RuntimeError("some hospitals are not active")
+    bad = [r for r in state["requests"] if r["status"] is None or r["status"] >= 300]
+    if bad:
+        raise RuntimeError(f"{len(bad)} request(s) failed upstream, first: {bad[0]}")
+    return dict(sorted(Counter(f"{r['method']} {r['route']}" for r in state["requests"]).items()))
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+
+def make_csv(rows: int) -> bytes:
+    lines = ["name,address,phone"]
+    lines += [f"Hospital {i},{i} Main Street,555-{i:04d}" for i in range(1, rows + 1)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def bare_job(url: str, data: bytes, concurrency: int) -> None:
+    """The processor's requests on a fault-free job, with nothing else around them."""
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    batches = [uuid.uuid4() for _ in range(-(-len(rows) // BATCH))]
+    limits = httpx.Limits(
+        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+    )
+    timeout = httpx.Timeout(30.0, connect=10.0)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        (await client.get("/", timeout=120.0)).raise_for_status()
+        pending = iter(enumerate(rows))
+        ids: list[int | None] = [None] * len(rows)
+
+        async def worker() -> None:
+            for position, row in pending:
+                body = {
+                    "name": row["name"],
+                    "address": row["address"],
+                    "phone": row["phone"] or None,
+                    "creation_batch_id": str(batches[position // BATCH]),
+                }
+                response = await client.post("/hospitals/", json=body)
+                response.raise_for_status()
+                ids[position] = response.json()["id"]
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, len(rows))):
+                tg.start_soon(worker)
+        sizes = {}
+        for batch in batches:  # the audit: read every batch back
+            response = await client.get(f"/hospitals/batch/{batch}")
+            response.raise_for_status()
+            sizes[batch] = len(response.json())
+        for batch in batches:
+            response = await client.patch(f"/hospitals/batch/{batch}/activate")
+            response.raise_for_status()
+            if response.json()["activated_count"] != sizes[batch]:
+                raise RuntimeError(f"batch {batch}: activated count differs")
+
+
+async def processor_job(url: str, data: bytes, concurrency: int, **backend: Any) -> None:
+    async with AsyncBulkProcessor(
+        url,
+        create_rate=UNLIMITED,
+        other_rate=UNLIMITED,
+        rate_margin=0,
+        concurrency=concurrency,
+        **backend,
+    ) as processor:
+        result = await processor.process(data)
+    rows = result.total_hospitals
+    if result.status is not JobStatus.COMPLETED or result.processed_hospitals != rows:
+        raise RuntimeError(f"the job ended {result.status.value}: {result.processed_hospitals}")
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    """Delete every key under `prefix` (never anything else); return how many."""
+    client = redis.Redis.from_url(redis_url)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += client.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += client.delete(*batch)
+    finally:
+        client.close()
+    return deleted
+
+
+# -- counting Redis round trips ----------------------------------------------------------------
+
+
+def _script_names() -> dict[str, str]:
+    names = {}
+    for name in dir(redis_backend):
+        value = getattr(redis_backend, name)
+        if name.startswith("_") and name.isupper() and isinstance(value, str) and "redis." in value:
+            if name.startswith("_LUA_"):
+                continue
+            names[hashlib.sha1(value.encode()).hexdigest()] = f"EVALSHA {name.strip('_').lower()}"
+    folder = resources.files("limits").joinpath("resources/redis/lua_scripts")
+    for entry in folder.iterdir():
+        if entry.name.endswith(".lua"):
+            sha = hashlib.sha1(entry.read_bytes()).hexdigest()
+            names[sha] = f"EVALSHA limits:{entry.name.removesuffix('.lua')}"
+    return names
+
+
+def _commands(packed: bytes) -> list[list[bytes]]:
+    """The commands in a packed RESP request (names and first arguments only)."""
+    commands = []
+    at = 0
+    while at < len(packed):
+        end = packed.index(b"\r\n", at)
+        count = int(packed[at + 1 : end])
+        at = end + 2
+        parts: list[bytes] = []
+        for _ in range(count):
+            end = packed.index(b"\r\n", at)
+            size = int(packed[at + 1 : end])
+            if len(parts) < 2:
+                parts.append(packed[end + 2 : end + 2 + size])
+            at = end + 2 + size + 2
+        commands.append(parts)
+    return commands
+
+
+def _label(packed: bytes, scripts: dict[str, str]) -> str:
+    commands = _commands(packed)
+
+    def one(parts: list[bytes]) -> str:
+        name = parts[0].decode().upper()
+        if name == "EVALSHA":
+            return scripts.get(parts[1].decode(), f"EVALSHA {parts[1][:8].decode()}")
+        if name == "CLIENT" and len(parts) > 1:
+            return f"CLIENT {parts[1].decode().upper()}"
+        return name
+
+    if len(commands) == 1:
+        return one(commands[0])
+    names = [one(parts) for parts in commands]
+    inner = Counter(names)
+    return "pipeline(" + ", ".join(f"{n} x{c}" if c > 1 else n for n, c in inner.items()) + ")"
+
+
+# Who sends each kind of round trip (for the per-row explanation).
+def _part(label: str) -> str:
+    if label in ("PTTL",) or label.startswith("EVALSHA limits:"):
+        return "rate limiter"
+    if label == "EVALSHA breaker":
+        return "circuit breaker"
+    if label.startswith(("CLIENT", "SELECT", "HELLO", "PING", "AUTH", "SCRIPT")):
+        return "connection set-up / script loading"
+    return "job store"
+
+
+@contextmanager
+def counting_round_trips() -> Iterator[Counter[str]]:
+    counts: Counter[str] = Counter()
+    scripts = _script_names()
+    cls = redis_connection.AbstractConnection
+    original = cls.send_packed_command
+
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        packed = command
+        if isinstance(packed, str):
+            packed = packed.encode()
+        if not isinstance(packed, bytes):
+            packed = b"".join(bytes(chunk) for chunk in packed)
+        counts[_label(packed, scripts)] += 1
+        await original(self, command, check_health)
+
+    cls.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        cls.send_packed_command = original  # type: ignore[method-assign]
+
+
+def _commandstats(redis_url: str) -> dict[str, int]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+
+
+def _redis_cpu(redis_url: str) -> float:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, url: str, fake: subprocess.Popen[bytes]) -> None:
+        self.args = args
+        self.url = url
+        self.fake = fake
+        self.data = make_csv(args.rows)
+        self.base_prefix = f"bench-redis-overhead-{uuid.uuid4().hex[:12]}"
+        self.serial = 0
+        self.requests: dict[str, dict[str, int]] = {}
+
+    def job(self, variant: str) -> tuple[Callable[[], Coroutine[Any, Any, None]], str | None]:
+        args = self.args
+        if variant == "bare":
+            return (lambda: bare_job(self.url, self.data, args.concurrency)), None
+        if variant == "memory":
+            return (lambda: processor_job(self.url, self.data, args.concurrency)), None
+        self.serial += 1
+        prefix = f"{self.base_prefix}-{self.serial}"
+        return (
+            lambda: processor_job(
+                self.url,
+                self.data,
+                args.concurrency,
+                backend=args.redis_url,
+                redis_prefix=prefix,
+            )
+        ), prefix
+
+    def run(self, variant: str, *, profile: cProfile.Profile | None = None) -> dict[str, Any]:
+        """One timed run of one variant, checked at the upstream afterwards."""
+        fake_control(self.url, "reset")
+        job, prefix = self.job(variant)
+        try:
+            gc.collect()
+            redis_cpu0 = _redis_cpu(self.args.redis_url)
+            fake0 = _proc_cpu(self.fake.pid)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            if profile is not None:
+                profile.enable()
+            asyncio.run(job())
+            if profile is not None:
+                profile.disable()
+            wall = time.perf_counter() - wall0
+            cpu = time.process_time() - cpu0
+            fake_cpu = _proc_cpu(self.fake.pid) - fake0
+            redis_cpu = _redis_cpu(self.args.redis_url) - redis_cpu0
+        finally:
+            if prefix is not None:
+                delete_prefix(self.args.redis_url, prefix)
+        requests = check_upstream(self.url, self.args.rows)
+        previous = self.requests.setdefault(variant, requests)
+        if previous != requests:
+            raise RuntimeError(f"{variant}: the requests differ between runs")
+        rows = self.args.rows
+        return {
+            "load_average_1min": os.getloadavg()[0],
+            "wall_s": wall,
+            "rows_per_s": rows / wall,
+            "cpu_s": cpu,
+            "cpu_us_per_row": cpu / rows * 1e6,
+            "fake_cpu_us_per_row": fake_cpu / rows * 1e6,
+            "redis_server_cpu_us_per_row": redis_cpu / rows * 1e6,
+        }
+
+    def count_round_trips(self) -> dict[str, Any]:
+        """One untimed Redis run with every round trip counted."""
+        fake_control(self.url, "reset")
+        job, prefix = self.job("redis")
+        assert prefix is not None
+        before = _commandstats(self.args.redis_url)
+        try:
+            with counting_round_trips() as counts:
+                asyncio.run(job())
+        finally:
+            after = _commandstats(self.args.redis_url)
+            delete_prefix(self.args.redis_url, prefix)
+        check_upstream(self.url, self.args.rows)
+        rows = self.args.rows
+        batches = -(-rows // BATCH)
+        commands = {
+            name: after[name] - before.get(name, 0)
+            for name in after
+            if after[name] - before.get(name, 0) > 0
+        }
+        commands.pop("info", None)  # the two INFO calls reading these statistics
+        parts: Counter[str] = Counter()
+        for label, count in counts.items():
+            parts[_part(label)] += count
+        total = sum(counts.values())
+        return {
+            "what": "round trips: calls of the redis-py connection's send_packed_command "
+            "(one command, one EVALSHA, or one whole pipeline each), connection set-up included",
+            "rows": rows,
+            "batches": batches,
+            "total": total,
+            "per_row": total / rows,
+            "by_call": dict(counts.most_common()),
+            "by_part": dict(parts.most_common()),
+            "by_part_per_row": {k: v / rows for k, v in parts.most_common()},
+            "server_commands": {
+                "what": "INFO commandstats diff (server-wide), commands run inside Lua scripts "
+                "included, INFO itself excluded",
+                "total": sum(commands.values()),
+                "per_row": sum(commands.values()) / rows,
+                "by_command": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
+            },
+        }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def min_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: min(run[key] for run in runs) for key in runs[0]}
+
+
+def table(results: dict[str, Any], round_trips: dict[str, Any] | None) -> str:
+    lines = [
+        "| variant | wall time (s) | rows/s | client CPU (s) | client CPU per row (µs) "
+        "| best run's CPU per row (µs) | Redis round trips per row "
+        "| fake upstream CPU per row (µs) | Redis server CPU per row (µs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant in VARIANTS:
+        if variant not in results:
+            continue
+        m = results[variant]["median"]
+        best = results[variant]["min"]["cpu_us_per_row"]
+        rt = "-"
+        if variant == "redis" and round_trips is not None:
+            rt = f"{round_trips['per_row']:.2f}"
+        lines.append(
+            f"| {LABELS[variant]} | {m['wall_s']:.2f} | {m['rows_per_s']:.0f} | {m['cpu_s']:.2f} "
+            f"| {m['cpu_us_per_row']:.0f} | {best:.0f} | {rt} | {m['fake_cpu_us_per_row']:.0f} "
+            f"| {m['redis_server_cpu_us_per_row']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2000, help="rows in the job (2000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (1)")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/14",
+        help="the Redis database to use; only keys under a fresh prefix are written, then "
+        "deleted (redis://127.0.0.1:6379/14)",
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="which to run (bare,memory,redis)"
+    )
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"({DEFAULT_JSON})")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="also profile one Redis run with cProfile: write the stats here, print the top",
+    )
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        parser.error(f"unknown variant(s): {sorted(unknown)}")
+
+    info = machine(args.redis_url)
+    print(f"# {info['uname']}\n# CPU: {info['cpu_model']} x {info['cpus']}", file=sys.stderr)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    round_trips = None
+    profile_top = None
+    with fake_upstream(args.rows) as (url, fake):
+        bench = Bench(args, url, fake)
+        for n in range(args.warmup):
+            for variant in variants:
+                bench.run(variant)
+                print(f"warm-up {n + 1}: {variant}", file=sys.stderr)
+        for n in range(args.repeat):
+            order = variants[n % len(variants) :] + variants[: n % len(variants)]
+            for variant in order:
+                run = bench.run(variant)
+                runs[variant].append(run)
+                print(
+                    f"run {n + 1}: {variant:7} {run['wall_s']:6.2f} s "
+                    f"{run['cpu_us_per_row']:6.0f} µs CPU/row",
+                    file=sys.stderr,
+                )
+        if "redis" in variants:
+            round_trips = bench.count_round_trips()
+        if args.profile is not None and "redis" in variants:
+            profile = cProfile.Profile()
+            bench.run("redis", profile=profile)
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            profile.dump_stats(args.profile)
+            out = io.StringIO()
+            stats = pstats.Stats(profile, stream=out)
+            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats("cumulative").print_stats(40)
+            profile_top = out.getvalue()
+        requests = bench.requests
+
+    results: dict[str, Any] = {
+        v: {"runs": runs[v], "median": median_of(runs[v]), "min": min_of(runs[v])} for v in variants
+    }
+    ratios: dict[str, float] = {}
+    for stat in ("median", "min"):
+        cpu = {v: results[v][stat]["cpu_us_per_row"] for v in variants}
+        if "redis" in cpu and "memory" in cpu:
+            ratios[f"redis_cpu_per_row_over_memory_{stat}"] = cpu["redis"] / cpu["memory"]
+        if "memory" in cpu and "bare" in cpu:
+            ratios[f"memory_cpu_per_row_over_bare_httpx_{stat}"] = cpu["memory"] / cpu["bare"]
+    report = {
+        "benchmark": "redis_overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "config": {
+            "rows": args.rows,
+            "concurrency": args.concurrency,
+            "batch_size": BATCH,
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "create_rate": UNLIMITED,
+            "other_rate": UNLIMITED,
+            "rate_margin": 0,
+            "redis_url": args.redis_url,
+            "fake_upstream": "python -m hospital_bulk.testing --create-latency 0 "
+            "--no-rate-limits (a separate process, uvicorn on loopback), reset between runs",
+            "cpu": "time.process_time() of the benchmark process (all its threads), "
+            "around asyncio.run(job) only",
+        },
+        "results": results,
+        "ratios": ratios,
+        "upstream_requests_per_run": requests,
+        "redis_round_trips": round_trips,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print()
+    print(f"{args.rows} rows, concurrency {args.concurrency}, median of {args.repeat} runs")
+    print(
+        f"{info['cpu_model']} x {info['cpus']}; Python {info['python']}, "
+        f"httpx {info['httpx']}, redis-py {info['redis_py']}, Redis {info['redis_server']}"
+    )
+    print()
+    print(table(results, round_trips))
+    print()
+    for name, value in ratios.items():
+        print(f"{name.replace('_', ' ')}: {value:.2f}x")
+    if round_trips is not None:
+        print()
+        print(
+            f"Redis round trips: {round_trips['total']} for {args.rows} rows "
+            f"= {round_trips['per_row']:.2f} per row"
+        )
+        for label, count in round_trips["by_call"].items():
+            print(f"  {count:7d}  {count / args.rows:6.3f}/row  {label}")
+        server = round_trips["server_commands"]
+        print(
+            f"Redis commands executed (server-wide, inside scripts included): "
+            f"{server['total']} = {server['per_row']:.2f} per row"
+        )
+    if profile_top is not None:
+        print()
+        print(profile_top)
+    print(f"\nwritten: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1046,8 +1046,10 @@ class AsyncBulkProcessor:
             except HospitalBulkError as exc:
                 if counts_as_failure(exc):
                     await self._breaker.record_failure()
-                else:
+                elif isinstance(exc, UpstreamError):  # an answer came: the upstream is up
                     await self._breaker.record_success()
+                # Anything else (a lost lease, a failing store, an open breaker) says nothing
+                # of the upstream; a probe that ends so lets the next caller probe later.
                 raise
             await self._breaker.record_success()
             return result

@@ -28,8 +28,8 @@ Why the moving window is ours and not the `limits` library's
     (the limiter needs "how long until yes", to sleep exactly that long instead of polling),
     counts windows in whole seconds (a fractional margin would be lost), and starts an
     asyncio-only expiry task. A deque of at most ``N`` timestamps per budget is tiny and its
-    rule is a few lines (`_Budget.wait_at`). A shared (Redis) limiter keeps the same rule in
-    one atomic script.
+    rule is a few lines (`_Budget.wait_at`). The Redis limiter (`hospital_bulk.backends.redis`)
+    uses `limits`' Redis moving window instead, in whole seconds.
 
 Waiting
     Each budget has a FIFO lock: one task at a time computes how long until the oldest

@@ -1,8 +1,8 @@
 """The parts a processor is built from, as Protocols.
 
-Each part has an in-memory implementation (`hospital_bulk.backends.memory`) and, later, a Redis
-one, which pass the same contract tests. Write your own by implementing the Protocol; nothing
-checks inheritance.
+Each part has an in-memory implementation (`hospital_bulk.backends.memory`) and a Redis one
+(`hospital_bulk.backends.redis`), which pass the same contract tests. Write your own by
+implementing the Protocol; nothing checks inheritance.
 
 | part | what it promises |
 |---|---|

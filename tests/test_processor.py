@@ -609,3 +609,34 @@ async def test_a_job_the_store_loses_mid_run_stops_with_a_backend_error(fake):
             await p.run(job.job_id, on_progress=lose_it)
     assert fake.duplicates() == []
     assert len(fake.hospitals) <= 3  # it stopped at the next write; nothing was guessed
+
+
+async def test_an_error_that_says_nothing_of_the_upstream_is_not_reported_to_the_breaker(fake):
+    class Spy:
+        name = "spy"
+
+        def __init__(self):
+            self.calls: list[str] = []
+
+        async def before_call(self):
+            self.calls.append("before")
+
+        async def record_success(self):
+            self.calls.append("success")
+
+        async def record_failure(self):
+            self.calls.append("failure")
+
+        async def state(self):
+            return "half_open"
+
+    spy = Spy()
+    async with processor(fake, breaker=spy) as p:
+
+        async def store_fails():
+            raise BackendError("Redis is unreachable")
+
+        with pytest.raises(BackendError):
+            await p._guarded(store_fails, None)
+    # Had this been the half-open probe, a success would have closed the breaker unproven.
+    assert spy.calls == []

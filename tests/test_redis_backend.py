@@ -175,6 +175,7 @@ async def test_every_key_lies_under_the_prefix_and_follows_the_templates(
         keys.pause,
         keys.breaker("hospital_api"),
         keys.breaker_calls("hospital_api"),
+        keys.breaker_steps("hospital_api"),
     }
     assert written == expected  # no staging key left behind either
     assert all(key.startswith(keys.prefix + ":") for key in written)
@@ -194,12 +195,13 @@ def test_key_templates() -> None:
         "p:idem:k",
         "p:idem",
     ]
-    assert [keys.rate_prefix, keys.pause, keys.breaker("b"), keys.breaker_calls("b")] == [
-        "p:rate",
-        "p:rate:pause",
-        "p:breaker:b",
-        "p:breaker:b:calls",
-    ]
+    assert [
+        keys.rate_prefix,
+        keys.pause,
+        keys.breaker("b"),
+        keys.breaker_calls("b"),
+        keys.breaker_steps("b"),
+    ] == ["p:rate", "p:rate:pause", "p:breaker:b", "p:breaker:b:calls", "p:breaker:b:steps"]
     assert RedisKeys().prefix == "hospital_bulk"
     for bad in ("", None, 3):
         with pytest.raises(ConfigurationError, match="prefix"):
@@ -603,3 +605,58 @@ async def test_processor_health_reports_an_unreachable_backend() -> None:
     assert health["backend"] == "redis"
     assert health["backend_reachable"] is False
     assert health["upstream"] is True
+
+
+async def test_a_resent_breaker_step_is_applied_once(
+    client: aioredis.Redis, keys: RedisKeys
+) -> None:
+    now = [1_000.0]
+    breaker = RedisCircuitBreaker(
+        client, keys=keys, failure_threshold=2, recovery_time=10, clock=lambda: now[0]
+    )
+    script, script_keys = breaker._script, breaker._redis_keys
+
+    async def step(op: str, nonce: str) -> list[object]:
+        return list(await script(script_keys, [op, repr(now[0]), *breaker._args, nonce]))
+
+    # A failure re-sent by the client (same nonce) counts once: the breaker stays closed.
+    await step("failure", "n1")
+    await step("failure", "n1")
+    assert await breaker.state() == "closed"
+    await step("failure", "n2")
+    assert await breaker.state() == "open"
+
+    # In half open, a re-sent probe request keeps its grant; a new caller is refused.
+    now[0] += 10
+    granted = await step("before", "p1")
+    assert granted[1] in (b"", "")
+    again = await step("before", "p1")
+    assert again[1] in (b"", "")
+    other = await step("before", "p2")
+    assert other[1] not in (b"", "")
+
+
+async def test_the_limiter_keeps_no_lock_for_a_budget_nobody_waits_for(
+    client: aioredis.Redis, keys: RedisKeys
+) -> None:
+    limiter = RedisRateLimiter(client, keys=keys, other_rate="1000/minute", margin=0)
+    for n in range(20):
+        await limiter.acquire("other", f"/hospitals/batch/{n}")
+    assert limiter._queues == {}
+
+
+async def test_creating_and_claiming_drop_index_entries_of_expired_jobs_and_keys(
+    client: aioredis.Redis, keys: RedisKeys
+) -> None:
+    now = [1_000_000.0]
+    store = RedisJobStore(client, keys=keys, retention=60, clock=lambda: now[0])
+    idem = RedisIdempotencyStore(store, clock=lambda: now[0])
+    finished = make_job("old", status=JobStatus.COMPLETED, finished_at=now[0])
+    await store.create(finished)
+    await idem.claim("old-key", "fp", make_job("old-claimed"), ttl=60)
+    assert await client.zcard(keys.jobs) == 2
+    now[0] += 120  # past the retention of "old" and the key's time to live
+    await idem.claim("new-key", "fp", make_job("new"), ttl=60)
+    assert await client.zrange(keys.idempotency_index, 0, -1) == [b"new-key"]
+    assert set(await client.zrange(keys.jobs, 0, -1)) == {b"old-claimed", b"new"}
+    assert await client.zrange(keys.expiring, 0, -1) == []

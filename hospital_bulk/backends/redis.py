@@ -16,8 +16,11 @@ one key prefix. Every key is made by `RedisKeys`, the one place that knows their
 How they behave:
 
 - **Atomic steps.** Every step that reads and then writes shared state is one Lua script, so
-  processes never interleave inside it. Scripts are written so that running one twice does no
-  harm: redis-py sends a command again after a connection error, and the first may have run.
+  processes never interleave inside it. A script sent twice does no harm (redis-py sends a
+  command again after a connection error, and the first may have run): a job's creation and
+  a breaker step carry a nonce and are applied once; writes of rows, fields and pauses set
+  values; a re-sent lease grab just issues the newer token. The one exception is `limits`'
+  rate-window script, which may count a re-sent request twice (erring on the slow side).
 - **Fencing.** Every job write carries the writer's fencing token and is refused unless it is
   the job's latest; the check and the write are one script.
 - **One round trip per write.** `RedisJobStore.save_rows` writes any number of rows in one
@@ -40,6 +43,7 @@ How they behave:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -118,6 +122,10 @@ class RedisKeys:
     | ``{prefix}:rate:pause`` | string | present while every sender is paused (its TTL) |
     | ``{prefix}:breaker:{name}`` | hash | the breaker's state |
     | ``{prefix}:breaker:{name}:calls`` | sorted set | recent calls (failure-rate mode) |
+    | ``{prefix}:breaker:{name}:steps`` | list | nonces of the last 64 steps (one minute) |
+
+    A finished job's three keys expire with its retention; idempotency keys with their time to
+    live; the index entries of either are dropped by the next creation or claim.
 
     Args:
         prefix: The first part of every key (``"hospital_bulk"`` by default); processes share
@@ -180,6 +188,10 @@ class RedisKeys:
     def breaker(self, name: str) -> str:
         """A breaker's state."""
         return f"{self.prefix}:breaker:{name}"
+
+    def breaker_steps(self, name: str) -> str:
+        """The nonces of a breaker's last steps (so a re-sent step is not applied twice)."""
+        return f"{self.prefix}:breaker:{name}:steps"
 
     def breaker_calls(self, name: str) -> str:
         """A breaker's recent calls (failure-rate mode)."""
@@ -300,6 +312,12 @@ end
 # Returns 1 (created), 0 (the id is taken), 2 (this very creation ran already: re-sent).
 _LUA_CREATE = """
 local function create(keys, job_id, created_at, data, count, now, deadline, ttl, args, first)
+  -- Drop (a bounded number of) index entries of jobs past retention, as the memory store
+  -- purges on create: the indexes stay as small as the live jobs.
+  local gone = redis.call('zrangebyscore', keys[5], '-inf', '(' .. now, 'LIMIT', 0, 100)
+  for _, old in ipairs(gone) do
+    redis.call('zrem', keys[4], old); redis.call('zrem', keys[5], old)
+  end
   if live(keys[1], keys[2], keys[3], keys[4], keys[5], job_id, now) then
     redis.call('del', keys[6])
     if redis.call('hget', keys[1], 'creation') == keys[6] then return 2 end
@@ -340,6 +358,7 @@ _CLAIM = (
     + _LUA_CREATE
     + """
 local now = tonumber(ARGV[5])
+redis.call('zremrangebyscore', KEYS[2], '-inf', '(' .. now)
 local held = redis.call('hmget', KEYS[1], 'fingerprint', 'job_id', 'expires_at')
 if held[1] and tonumber(held[3]) >= now then
   redis.call('del', KEYS[8])
@@ -473,7 +492,7 @@ return 1
 """
 
 # The breaker's rules (`hospital_bulk._breaker`) as one script; every step is one call.
-# KEYS: state, calls. ARGV: op (before|success|failure|state), now ('' = Redis's clock),
+# KEYS: state, calls, steps. ARGV: op (before|success|failure|state), now ('' = Redis's clock),
 # threshold, rate ('' = none), window, min_calls, recovery, probe_retry, nonce.
 # Returns {state, retry_at or '', open_until, failures, now, transitions...}.
 _BREAKER = """
@@ -523,8 +542,18 @@ end
 if state == 'open' and now >= open_until then
   move('half_open'); probe_until = nil
 end
+-- A step re-sent by the client (after a connection error) is recognised by its nonce among
+-- the last steps, and changes nothing the second time; a re-sent probe keeps its grant.
+local replay = op ~= 'state' and redis.call('lpos', KEYS[3], ARGV[9]) ~= false
+if op ~= 'state' and not replay then
+  redis.call('lpush', KEYS[3], ARGV[9])
+  redis.call('ltrim', KEYS[3], 0, 63)
+  redis.call('pexpire', KEYS[3], 60000)
+end
 local retry = ''
-if op == 'before' then
+if replay then
+  if op == 'before' and state == 'open' then retry = open_until end
+elseif op == 'before' then
   if state == 'open' then
     retry = open_until
   elseif state == 'half_open' then
@@ -601,7 +630,8 @@ def _load_row(text: str | bytes) -> JobRow:
 
 
 def _dump_job(job: JobRecord) -> str:
-    data = job.to_dict()
+    """The job's own fields as JSON (rows are stored apart: never serialized here)."""
+    data = dataclasses.replace(job, rows=[]).to_dict()
     del data["rows"]
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
@@ -1043,6 +1073,16 @@ class RedisIdempotencyStore:
         return [_text(key) for key in keys]
 
 
+class _Queue:
+    """The waiters of one budget in this process: a FIFO lock and how many use it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.users = 0
+
+
 class RedisRateLimiter:
     """A `RateLimiter` whose budgets every process shares, on `limits`' Redis moving window.
 
@@ -1090,7 +1130,8 @@ class RedisRateLimiter:
             connection_pool=client.connection_pool,  # type: ignore[arg-type]
         )
         self._pause = client.register_script(_PAUSE)
-        self._locks: dict[str, anyio.Lock] = {}
+        # This process's waiters of each budget, served in arrival order.
+        self._queues: dict[str, _Queue] = {}
 
     @property
     def create_window(self) -> int:
@@ -1121,24 +1162,37 @@ class RedisRateLimiter:
             BackendError: Redis failed.
         """
         key, limit, window = self._budget(kind, path)
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        async with lock:
-            while True:
-                async with _redis_errors(self._client, "wait for the rate limit"):
-                    paused = await self._client.pttl(self._keys.pause)
-                    if paused > 0:
-                        wait = paused / 1000
-                    elif await self._storage.acquire_entry(key, limit, window):
-                        return
-                    else:
-                        start, count = await self._storage.get_moving_window(key, limit, window)
-                        # A slot may have freed since the refusal: then ask again at once.
-                        wait = start + window - time.time() if count >= limit else 0.0
-                if on_wait is not None:
-                    on_wait(time.time() + wait)
-                await self._sleep(max(wait, _MIN_SLEEP))
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        queue.users += 1
+        try:
+            async with queue.lock:
+                await self._acquire(key, limit, window, on_wait)
+        finally:
+            # Batch paths are many: a budget nobody waits for keeps no lock here.
+            queue.users -= 1
+            if queue.users == 0:
+                del self._queues[key]
+
+    async def _acquire(
+        self, key: str, limit: int, window: int, on_wait: Callable[[float], None] | None
+    ) -> None:
+        """Wait past the shared pause and the window, then count one request (in Redis)."""
+        while True:
+            async with _redis_errors(self._client, "wait for the rate limit"):
+                paused = await self._client.pttl(self._keys.pause)
+                if paused > 0:
+                    wait = paused / 1000
+                elif await self._storage.acquire_entry(key, limit, window):
+                    return
+                else:
+                    start, count = await self._storage.get_moving_window(key, limit, window)
+                    # A slot may have freed since the refusal: then ask again at once.
+                    wait = start + window - time.time() if count >= limit else 0.0
+            if on_wait is not None:
+                on_wait(time.time() + wait)
+            await self._sleep(max(wait, _MIN_SLEEP))
 
     async def pause(self, seconds: float) -> None:
         """Make every `acquire`, in every process, wait until `seconds` from now.
@@ -1233,7 +1287,7 @@ class RedisCircuitBreaker:
         self._client = client
         self._name = name
         k = keys or RedisKeys()
-        self._redis_keys = [k.breaker(name), k.breaker_calls(name)]
+        self._redis_keys = [k.breaker(name), k.breaker_calls(name), k.breaker_steps(name)]
         self._clock = clock
         self._args: list[str | int] = [
             failure_threshold,

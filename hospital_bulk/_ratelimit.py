@@ -53,7 +53,7 @@ import limits
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["MemoryRateLimiter", "as_rate", "check_margin", "parse_rate"]
+__all__ = ["MemoryRateLimiter", "as_rate", "check_margin", "non_negative_seconds", "parse_rate"]
 
 # A window written with an explicit zero multiple ("10/0 seconds"): `limits` reads it as one.
 _ZERO_MULTIPLE: Final = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.IGNORECASE)
@@ -265,15 +265,7 @@ class MemoryRateLimiter:
         Raises:
             ConfigurationError: `seconds` is negative or not a finite number.
         """
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds)
-            or seconds < 0
-        ):
-            raise ConfigurationError(
-                f"a pause must be a finite number of seconds >= 0, not {seconds!r}"
-            )
+        seconds = non_negative_seconds("a pause", seconds)
         self._pause_end = max(self._pause_end, self._clock() + seconds)
 
     async def paused_until(self) -> float | None:
@@ -309,14 +301,26 @@ class MemoryRateLimiter:
 
 def check_margin(margin: object) -> float:
     """Return a rate margin as a float, or raise `ConfigurationError` unless finite and >= 0."""
+    return non_negative_seconds("margin", margin)
+
+
+def non_negative_seconds(subject: str, value: object) -> float:
+    """Return `value` as a float, or raise `ConfigurationError` naming `subject`.
+
+    Args:
+        subject: What the value is, to start the error message (``"a pause"``).
+        value: The value, which must be a finite number >= 0 (not a bool).
+    """
     if (
-        isinstance(margin, bool)
-        or not isinstance(margin, (int, float))
-        or not math.isfinite(margin)
-        or margin < 0
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
     ):
-        raise ConfigurationError(f"margin must be a finite number of seconds >= 0, not {margin!r}")
-    return float(margin)
+        raise ConfigurationError(
+            f"{subject} must be a finite number of seconds >= 0, not {value!r}"
+        )
+    return float(value)
 
 
 def as_rate(value: str | limits.RateLimitItem, name: str) -> limits.RateLimitItem:

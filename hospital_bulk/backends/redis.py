@@ -74,7 +74,7 @@ from .._exceptions import (
     LeaseLostError,
 )
 from .._jobs import JobRecord, JobRow, Lease, RowState
-from .._ratelimit import as_rate, check_margin
+from .._ratelimit import as_rate, check_margin, non_negative_seconds
 from ..protocols import BreakerState, CircuitBreaker, IdempotencyStore, JobStore, RateLimiter
 from .memory import DEFAULT_RETENTION, MAX_KEY_LENGTH, check_seconds
 
@@ -1204,15 +1204,7 @@ class RedisRateLimiter:
             ConfigurationError: `seconds` is negative or not a finite number.
             BackendError: Redis failed.
         """
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds)
-            or seconds < 0
-        ):
-            raise ConfigurationError(
-                f"a pause must be a finite number of seconds >= 0, not {seconds!r}"
-            )
+        seconds = non_negative_seconds("a pause", seconds)
         async with _redis_errors(self._client, "pause the senders"):
             await self._pause([self._keys.pause], [math.ceil(seconds * 1000)])
 

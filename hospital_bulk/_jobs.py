@@ -219,6 +219,7 @@ class JobRecord:
         error: Why the job failed or is partial, in one line, or ``None``.
         options: The options the job was submitted with (JSON-ready).
         processing_seconds: Time spent running, over every run.
+        tenant: Who submitted it (see `AsyncBulkProcessor.submit`), or ``None``.
     """
 
     job_id: str
@@ -234,6 +235,7 @@ class JobRecord:
     error: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     processing_seconds: float = 0.0
+    tenant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the job as JSON-ready data."""
@@ -251,6 +253,7 @@ class JobRecord:
             "error": self.error,
             "options": dict(self.options),
             "processing_seconds": self.processing_seconds,
+            "tenant": self.tenant,
         }
 
     @classmethod
@@ -277,6 +280,7 @@ class JobRecord:
             error=data.get("error"),
             options=dict(data.get("options", {})),
             processing_seconds=data.get("processing_seconds", 0.0),
+            tenant=data.get("tenant"),
         )
 
 
@@ -296,6 +300,9 @@ class JobSnapshot(BaseModel):
         batch_ids: The job's upstream batches.
         activated_batches: The batches verified active.
         idempotency_key: The key it was submitted with.
+        tenant: Who submitted it, or ``None``.
+        replayed: True when this snapshot answers a submission whose idempotency key gave
+            back an earlier job (set by `AsyncBulkProcessor.submit` only).
         created_at: When the job was created (`time.time()` seconds).
         started_at: When it last started running.
         finished_at: When it last stopped.
@@ -316,6 +323,8 @@ class JobSnapshot(BaseModel):
     batch_ids: list[UUID]
     activated_batches: list[UUID]
     idempotency_key: str | None = None
+    tenant: str | None = None
+    replayed: bool = False
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

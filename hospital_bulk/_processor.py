@@ -321,15 +321,25 @@ class AsyncBulkProcessor:
             )
         )
 
-    async def submit(self, source: Source, *, idempotency_key: str | None = None) -> JobSnapshot:
+    async def submit(
+        self,
+        source: Source,
+        *,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+    ) -> JobSnapshot:
         """Validate a file and create its job, without running it.
 
         Args:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
+            tenant: Who submits (an account, a customer): idempotency keys are scoped by it,
+                so one tenant can never replay another's, and the job records it
+                (`JobSnapshot.tenant`) for the caller to check who may read the job.
 
         Returns:
-            The new job's snapshot (or the earlier job's, for a repeated key).
+            The new job's snapshot (or the earlier job's, for a repeated key, with
+            `JobSnapshot.replayed` set).
 
         Raises:
             CSVValidationError: The file has errors (nothing was created or sent);
@@ -338,17 +348,24 @@ class AsyncBulkProcessor:
             IdempotencyInProgressError: The key's first submission is still being created.
             CSVSourceError: The source cannot be read.
         """
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise ConfigurationError(f"a tenant must be a non-empty string, not {tenant!r:.80}")
         report = await self.validate(source)
         job = self._new_job(report, idempotency_key)
+        job.tenant = tenant
         if idempotency_key is None:
             await self._jobs.create(job)
             job_id = job.job_id
         else:
             job_id = await self._keys.claim(
-                idempotency_key, job.fingerprint, job, ttl=self.settings.idempotency_ttl
+                _scoped_key(idempotency_key, tenant),
+                job.fingerprint,
+                job,
+                ttl=self.settings.idempotency_ttl,
             )
-            if job_id != job.job_id:
-                logger.info("Idempotency key replayed: job %s", job_id)
+        if job_id != job.job_id:
+            logger.info("Idempotency key replayed: job %s", job_id)
+            return (await self.status(job_id)).model_copy(update={"replayed": True})
         logger.info(
             "Job %s created: %d row(s) in %d batch(es)",
             job_id,
@@ -385,6 +402,7 @@ class AsyncBulkProcessor:
         source: Source,
         *,
         idempotency_key: str | None = None,
+        tenant: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> JobResult:
         """Validate, create and run a job: `submit` then `run`.
@@ -395,6 +413,7 @@ class AsyncBulkProcessor:
         Args:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
+            tenant: Who submits; scopes the idempotency key (see `submit`).
             on_progress: Called with a snapshot after every change (sync or async).
 
         Returns:
@@ -404,7 +423,7 @@ class AsyncBulkProcessor:
             CSVValidationError: The file has errors (nothing was created or sent).
             IdempotencyConflictError: The key was used for another file or other options.
         """
-        snapshot = await self.submit(source, idempotency_key=idempotency_key)
+        snapshot = await self.submit(source, idempotency_key=idempotency_key, tenant=tenant)
         running = self._runs.get(snapshot.job_id)
         if running is not None:
             # A repeated submission of a job running here: wait for it, do not run it twice.
@@ -1240,6 +1259,7 @@ class AsyncBulkProcessor:
             batch_ids=list(job.batch_ids),
             activated_batches=list(job.activated_batches),
             idempotency_key=job.idempotency_key,
+            tenant=job.tenant,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
@@ -1362,3 +1382,10 @@ def _first_error(exc: Exception) -> Exception:
         ours = [e for e in members if isinstance(e, HospitalBulkError)]
         exc = (ours or members)[0]
     return exc
+
+
+def _scoped_key(key: str, tenant: str | None) -> str:
+    """The idempotency key as stored: a tenant's keys live in a space of their own."""
+    if tenant is None:
+        return key
+    return "tenant:" + hashlib.sha256(f"{tenant}\x00{key}".encode()).hexdigest()

@@ -92,18 +92,21 @@ class BulkProcessor:
         """
         return self._portal.call(self._processor.validate, source)
 
-    def submit(self, source: Source, *, idempotency_key: str | None = None) -> JobSnapshot:
+    def submit(
+        self, source: Source, *, idempotency_key: str | None = None, tenant: str | None = None
+    ) -> JobSnapshot:
         """Validate a file and create its job; see `AsyncBulkProcessor.submit`.
 
         Args:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
+            tenant: Who submits; scopes the idempotency key.
 
         Returns:
             The job's snapshot.
         """
         return self._portal.call(
-            lambda: self._processor.submit(source, idempotency_key=idempotency_key)
+            lambda: self._processor.submit(source, idempotency_key=idempotency_key, tenant=tenant)
         )
 
     def run(self, job_id: str, *, on_progress: ProgressCallback | None = None) -> JobResult:
@@ -123,6 +126,7 @@ class BulkProcessor:
         source: Source,
         *,
         idempotency_key: str | None = None,
+        tenant: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> JobResult:
         """Validate, create and run a job; see `AsyncBulkProcessor.process`.
@@ -130,6 +134,7 @@ class BulkProcessor:
         Args:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
+            tenant: Who submits; scopes the idempotency key.
             on_progress: Called with a snapshot after every change.
 
         Returns:
@@ -137,7 +142,7 @@ class BulkProcessor:
         """
         return self._portal.call(
             lambda: self._processor.process(
-                source, idempotency_key=idempotency_key, on_progress=on_progress
+                source, idempotency_key=idempotency_key, tenant=tenant, on_progress=on_progress
             )
         )
 

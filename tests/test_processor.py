@@ -640,3 +640,19 @@ async def test_an_error_that_says_nothing_of_the_upstream_is_not_reported_to_the
             await p._guarded(store_fails, None)
     # Had this been the half-open probe, a success would have closed the breaker unproven.
     assert spy.calls == []
+
+
+async def test_tenants_have_their_own_idempotency_keys_and_replays_say_so(fake):
+    async with processor(fake) as p:
+        first = await p.submit(csv_bytes(2), idempotency_key="k", tenant="acme")
+        again = await p.submit(csv_bytes(2), idempotency_key="k", tenant="acme")
+        other = await p.submit(csv_bytes(2), idempotency_key="k", tenant="globex")
+        with pytest.raises(IdempotencyConflictError):
+            await p.submit(csv_bytes(3), idempotency_key="k", tenant="acme")
+        with pytest.raises(ConfigurationError, match="tenant"):
+            await p.submit(csv_bytes(2), tenant="")
+        status = await p.status(first.job_id)
+    assert (first.replayed, again.replayed, other.replayed) == (False, True, False)
+    assert again.job_id == first.job_id
+    assert other.job_id != first.job_id  # another tenant's key is another key
+    assert (status.tenant, other.tenant, status.idempotency_key) == ("acme", "globex", "k")

@@ -93,7 +93,22 @@ class Outcome(str, enum.Enum):
 
 
 class HospitalBulkError(Exception):
-    """Base class of every exception raised by hospital_bulk."""
+    """Base class of every exception raised by hospital_bulk.
+
+    Every one pickles with its attributes (task queues carry them between processes), even
+    where its constructor takes keyword-only arguments.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[HospitalBulkError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """Unpickle an error without calling its constructor: its arguments, then its attributes."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigurationError(HospitalBulkError, ValueError):

@@ -274,6 +274,15 @@ class AsyncBulkProcessor:
         self._owner = uuid.uuid4().hex
         self._subscribers: dict[str, list[MemoryObjectSendStream[JobEvent]]] = {}
 
+    @property
+    def shares_jobs(self) -> bool:
+        """Whether other processes can see this processor's jobs (a shared job store).
+
+        False for the in-memory job store of this process; True for the Redis backend or an
+        injected store, whose jobs a worker elsewhere may run.
+        """
+        return not isinstance(self._jobs, MemoryJobStore)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncBulkProcessor:

@@ -95,3 +95,31 @@ def test_version_is_a_version_string():
 def test_library_logger_has_a_null_handler_and_no_other():
     handlers = logging.getLogger("hospital_bulk").handlers
     assert [type(h) for h in handlers] == [logging.NullHandler]
+
+
+def test_every_error_pickles_with_its_attributes() -> None:
+    import pickle
+
+    from hospital_bulk import _exceptions as errors
+
+    samples = [
+        errors.JobNotFoundError("j1"),
+        errors.JobStateError("busy", job_id="j1", status="running"),
+        errors.LeaseLostError("lost", job_id="j1", status="running"),
+        errors.IdempotencyConflictError("used", key="k", job_id="j1"),
+        errors.CircuitOpenError("hospital_api", retry_at=12.5),
+        errors.BackendError("Redis is unreachable"),
+        errors.ConfigurationError("bad"),
+        errors.RateLimitedError(
+            "slow down",
+            method="POST",
+            path="/hospitals/",
+            outcome=errors.Outcome.RATE_LIMITED,
+            status_code=429,
+        ),
+    ]
+    for error in samples:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert copy.__dict__ == error.__dict__

@@ -143,6 +143,8 @@ class _Run:
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     token: int | None = None
     lost: bool = False
+    # Set once the run has decided its end: it saves it, then lets the job go.
+    finishing: bool = False
     store_error: HospitalBulkError | None = None
 
 
@@ -308,27 +310,46 @@ class AsyncBulkProcessor:
 
     # -- the API ------------------------------------------------------------------------------
 
-    async def validate(self, source: Source) -> ValidationReport:
+    async def validate(self, source: Source, *, max_rows: int | None = None) -> ValidationReport:
         """Validate a file with the processor's limits; nothing is sent.
 
         Args:
             source: A path, the file's bytes, or a binary file object.
+            max_rows: A row limit for this file, on top of `Settings.max_rows` (the stricter
+                of the two applies); e.g. a web service's own limit.
 
         Returns:
-            The validation report.
+            The validation report (`accepts` tells whether `submit` would take the file).
 
         Raises:
             CSVSourceError: The source cannot be read.
         """
         settings = self.settings
+        limit = settings.max_rows
+        if max_rows is not None:
+            limit = max_rows if limit is None else min(limit, max_rows)
         return await anyio.to_thread.run_sync(
             lambda: validate_csv(
                 source,
-                max_rows=settings.max_rows,
+                max_rows=limit,
                 max_bytes=settings.max_bytes,
                 formula_policy=settings.formula_policy,
             )
         )
+
+    def accepts(self, report: ValidationReport) -> bool:
+        """Return whether `submit` creates a job from a file with this report.
+
+        A file without errors is accepted; with ``skip_invalid_rows``, so is one whose errors
+        are all in rows, as long as it has valid rows.
+
+        Args:
+            report: The file's validation report.
+        """
+        if report.ok:
+            return True
+        file_level = any(issue.row is None for issue in report.errors)
+        return self.settings.skip_invalid_rows and not file_level and bool(report.rows)
 
     async def submit(
         self,
@@ -336,6 +357,7 @@ class AsyncBulkProcessor:
         *,
         idempotency_key: str | None = None,
         tenant: str | None = None,
+        max_rows: int | None = None,
     ) -> JobSnapshot:
         """Validate a file and create its job, without running it.
 
@@ -345,6 +367,7 @@ class AsyncBulkProcessor:
             tenant: Who submits (an account, a customer): idempotency keys are scoped by it,
                 so one tenant can never replay another's, and the job records it
                 (`JobSnapshot.tenant`) for the caller to check who may read the job.
+            max_rows: A row limit for this file on top of `Settings.max_rows` (see `validate`).
 
         Returns:
             The new job's snapshot (or the earlier job's, for a repeated key, with
@@ -359,7 +382,7 @@ class AsyncBulkProcessor:
         """
         if tenant is not None and (not isinstance(tenant, str) or not tenant):
             raise ConfigurationError(f"a tenant must be a non-empty string, not {tenant!r:.80}")
-        report = await self.validate(source)
+        report = await self.validate(source, max_rows=max_rows)
         job = self._new_job(report, idempotency_key)
         job.tenant = tenant
         if idempotency_key is None:
@@ -546,6 +569,7 @@ class AsyncBulkProcessor:
             JobStateError: The job is running (cancel it first).
             UpstreamError: A batch could not be deleted; the job is left as it was.
         """
+        await self._let_finish(job_id)
         if job_id in self._runs:
             raise JobStateError(
                 f"job {job_id} is running; cancel it before rolling it back",
@@ -629,6 +653,7 @@ class AsyncBulkProcessor:
         Raises:
             JobNotFoundError: No job has this id.
         """
+        await self._let_finish(job_id)
         snapshot = await self.status(job_id)
         yield JobEvent("snapshot", job_id, snapshot)
         if snapshot.status.terminal and job_id not in self._runs:
@@ -687,10 +712,9 @@ class AsyncBulkProcessor:
     def _new_job(self, report: ValidationReport, key: str | None) -> JobRecord:
         settings = self.settings
         invalid: dict[int, str] = {}
+        if not self.accepts(report):
+            raise CSVValidationError(report)
         if not report.ok:
-            file_level = [issue for issue in report.errors if issue.row is None]
-            if not settings.skip_invalid_rows or file_level or not report.rows:
-                raise CSVValidationError(report)
             for issue in report.errors:
                 if issue.row is not None:
                     invalid.setdefault(issue.row, str(issue))
@@ -748,6 +772,10 @@ class AsyncBulkProcessor:
 
     async def _run(self, job: JobRecord, on_progress: ProgressCallback | None) -> JobResult:
         job_id = job.job_id
+        if await self._let_finish(job_id):
+            job = await self._jobs.get(job_id)
+            if job.status is JobStatus.COMPLETED:
+                return self._result(job)
         if job_id in self._runs:
             raise JobStateError(
                 f"job {job_id} is already running", job_id=job_id, status=job.status.value
@@ -807,6 +835,19 @@ class AsyncBulkProcessor:
             del self._runs[job_id]
             run.done.set()
         return self._result(job)
+
+    async def _let_finish(self, job_id: str) -> bool:
+        """Wait for a run of the job that is finishing here; return whether there was one.
+
+        A run that has decided its end still holds the job for an instant (it saves the end,
+        then releases the lease): a resume, rollback or follower arriving then waits for it
+        instead of finding the job "running".
+        """
+        run = self._runs.get(job_id)
+        if run is None or not run.finishing:
+            return False
+        await run.done.wait()
+        return True
 
     async def _keep_lease(self, run: _Run) -> None:
         """Renew the run's lease; when it is lost, stop the run (no more writes, no sends)."""
@@ -1200,6 +1241,7 @@ class AsyncBulkProcessor:
         return len(listed) >= expected and all(h.active for h in listed)
 
     async def _stopped(self, run: _Run, status: JobStatus, error: str | None) -> None:
+        run.finishing = True
         job = run.job
         for row in job.rows:
             if row.state is RowState.IN_FLIGHT:

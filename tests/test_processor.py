@@ -656,3 +656,30 @@ async def test_tenants_have_their_own_idempotency_keys_and_replays_say_so(fake):
     assert again.job_id == first.job_id
     assert other.job_id != first.job_id  # another tenant's key is another key
     assert (status.tenant, other.tenant, status.idempotency_key) == ("acme", "globex", "k")
+
+
+async def test_a_resume_or_follower_arriving_as_a_run_finishes_waits_for_it(fake):
+    fake.inject(Fault.REJECT)
+    outcome = {}
+    async with processor(fake, concurrency=1) as p:
+        job = await p.submit(csv_bytes(3))
+        async with anyio.create_task_group() as tg:
+
+            async def resume_now():  # the run has decided its end but still holds the job
+                outcome["resumed"] = await p.resume(job.job_id)
+
+            async def follow_now():
+                outcome["events"] = [e.kind async for e in p.events(job.job_id)]
+
+            def on_progress(snapshot):
+                if snapshot.status is JobStatus.PARTIALLY_FAILED and "resumed" not in outcome:
+                    outcome["resumed"] = None
+                    tg.start_soon(resume_now)
+                    tg.start_soon(follow_now)
+
+            first = await p.run(job.job_id, on_progress=on_progress)
+    assert first.status is JobStatus.PARTIALLY_FAILED
+    assert outcome["resumed"].status is JobStatus.COMPLETED  # not "already running"
+    assert outcome["events"][0] == "snapshot"
+    assert outcome["events"][-1] == "job_finished"
+    assert_exactly_once(fake, 3)

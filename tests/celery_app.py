@@ -78,3 +78,12 @@ def build_app(env: Mapping[str, str]) -> tuple[Celery, HospitalBulkTasks]:
 
 
 app, tasks = build_app(os.environ)
+
+
+def web() -> Any:
+    """The web service handing its jobs to this app's workers (``uvicorn celery_app:web
+    --factory``), configured from the same environment (`Settings.from_env`)."""
+    from hospital_bulk.integrations.celery import CeleryRunner
+    from hospital_bulk.integrations.fastapi import create_app
+
+    return create_app(runner=CeleryRunner(tasks))

@@ -116,11 +116,9 @@ def _wait_for_status(client: httpx.Client, url: str, status: str) -> dict[str, A
         time.sleep(0.05)
 
 
-def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_path: Path) -> None:
-    fake_port, app_port = _free_port(), _free_port()
+def _start_fake(processes: list[Process], tmp_path: Path) -> str:
+    fake_port = _free_port()
     fake_url = f"http://127.0.0.1:{fake_port}"
-    app_url = f"http://127.0.0.1:{app_port}"
-
     fake = Process(
         "the fake upstream",
         [
@@ -141,16 +139,19 @@ def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_pat
     )
     processes.append(fake)
     fake.wait_until_answering(fake_url + "/__fake__/state")
+    return fake_url
 
-    # The upstream's real budget (30 creates a minute), given the way the original service
-    # reads it.
+
+def _start_service(processes: list[Process], tmp_path: Path, app: str, env: dict[str, str]) -> str:
+    app_port = _free_port()
+    app_url = f"http://127.0.0.1:{app_port}"
     service = Process(
         "the service",
         [
             sys.executable,
             "-m",
             "uvicorn",
-            "hospital_bulk.integrations.fastapi:create_app",
+            app,
             "--factory",
             "--host",
             "127.0.0.1",
@@ -159,16 +160,86 @@ def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_pat
             "--log-level",
             "warning",
         ],
-        _clean_env(
-            HOSPITAL_API_BASE_URL=fake_url,
-            RATE_LIMIT_REQUESTS="30",
-            RATE_LIMIT_PERIOD="60",
-        ),
+        env,
         tmp_path / "service.log",
     )
     processes.append(service)
     service.wait_until_answering(app_url + "/openapi.json")
+    return app_url
 
+
+def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_path: Path) -> None:
+    fake_url = _start_fake(processes, tmp_path)
+    # The upstream's real budget (30 creates a minute), given the way the original service
+    # reads it; jobs run in the service's own process, with the memory backend.
+    env = _clean_env(
+        HOSPITAL_API_BASE_URL=fake_url, RATE_LIMIT_REQUESTS="30", RATE_LIMIT_PERIOD="60"
+    )
+    app_url = _start_service(
+        processes, tmp_path, "hospital_bulk.integrations.fastapi:create_app", env
+    )
+    _scenario(app_url, fake_url)
+
+
+def test_the_service_with_jobs_on_a_celery_worker(
+    processes: list[Process], tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """The same scenario; the service hands each job to a real Celery worker process."""
+    from redis_support import delete_prefix
+
+    fake_url = _start_fake(processes, tmp_path)
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    celery_keys = f"hbcelery-{redis_prefix}:"
+    env = _clean_env(
+        HOSPITAL_API_BASE_URL=fake_url,
+        RATE_LIMIT_REQUESTS="30",
+        RATE_LIMIT_PERIOD="60",
+        REDIS_URL=redis_url,
+        HOSPITAL_BULK_REDIS_PREFIX=redis_prefix,
+        HB_CELERY_BROKER=broker,
+        HB_CELERY_QUEUE=f"hbcelery-{redis_prefix}",
+        HB_CELERY_KEYPREFIX=celery_keys,
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT / "tests"), str(PACKAGE_ROOT)])
+    try:
+        worker = Process(
+            "the celery worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "celery_app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                env["HB_CELERY_QUEUE"],
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel=INFO",
+            ],
+            env,
+            tmp_path / "worker.log",
+        )
+        processes.append(worker)
+        app_url = _start_service(processes, tmp_path, "celery_app:web", env)
+        result = _scenario(app_url, fake_url)
+        # The worker ran the job (the service only handed it over), and only once.
+        log = worker.output()
+        assert worker.process.poll() is None, log
+        assert log.count("hospital_bulk.run_job[") == 2, log  # received, then succeeded
+        assert "succeeded" in log, log
+        assert result["job_id"] in log, log
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        delete_prefix(broker, celery_keys)
+
+
+def _scenario(app_url: str, fake_url: str) -> dict[str, Any]:
+    """Upload, poll, replay, conflict, bad file; then check at the fake. Returns the result."""
     data = csv_bytes(ROWS)
     key = {"Idempotency-Key": "scenario-upload-1"}
     with httpx.Client(base_url=app_url, timeout=10.0) as client:
@@ -185,7 +256,7 @@ def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_pat
         assert location == f"{app_url}{API}/hospitals/status/{job['job_id']}"
 
         done = _wait_for_status(client, location, "completed")
-        result = done["result"]
+        result: dict[str, Any] = done["result"]
         assert result["processed_hospitals"] == ROWS
         assert result["failed_hospitals"] == 0
         assert result["batch_activated"] is True
@@ -228,3 +299,4 @@ def test_the_service_loads_a_file_exactly_once(processes: list[Process], tmp_pat
     creates = [r for r in state["requests"] if r["route"] == "create"]
     assert len(creates) == ROWS, "one create per row: the replay and the refused files sent none"
     assert all(r["committed"] for r in creates)
+    return result

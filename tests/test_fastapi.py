@@ -1221,3 +1221,27 @@ def test_the_app_served_by_uvicorn_over_real_http() -> None:
     assert len(hospitals) == 8
     assert all(h.active for h in hospitals)
     assert upstream.fake.duplicates() == []
+
+
+async def test_an_unexpected_error_is_answered_in_the_envelope_without_its_text() -> None:
+    from hospital_bulk.integrations.fastapi import create_router
+
+    class Broken:
+        settings = None
+
+        async def status(self, job_id):
+            raise RuntimeError("secret-token-123 leaked")
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.include_router(create_router(lambda: Broken()), prefix="/api/v1")  # type: ignore[arg-type,return-value]
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://service") as client,
+    ):
+        answer = await client.get("/api/v1/hospitals/status/j1")
+    assert answer.status_code == 500
+    assert answer.json()["error_type"] == "internal_error"
+    assert "secret-token-123" not in answer.text

@@ -6,28 +6,32 @@ the same Redis database and key prefix; any process follows the job with `status
 or `events`, which read the shared store.
 
 Example:
-    The Celery app, imported by the workers and by the web process::
+    The Celery app, imported by the workers and by the web process:
 
-        from celery import Celery
-        from hospital_bulk.integrations.celery import register_tasks
+    ```python
+    from celery import Celery
+    from hospital_bulk.integrations.celery import register_tasks
 
-        app = Celery("loader", broker="redis://redis:6379/1", backend="redis://redis:6379/1")
-        app.conf.update(
-            task_acks_late=True,  # the job tasks set these two themselves as well
-            task_reject_on_worker_lost=True,
-            worker_prefetch_multiplier=1,
-            broker_transport_options={"visibility_timeout": 24 * 3600},  # > the longest job
-        )
-        tasks = register_tasks(app)  # workers build processors with Settings.from_env()
+    app = Celery("loader", broker="redis://redis:6379/1", backend="redis://redis:6379/1")
+    app.conf.update(
+        task_acks_late=True,  # the job tasks set these two themselves as well
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": 24 * 3600},  # > the longest job
+    )
+    tasks = register_tasks(app)  # workers build processors with Settings.from_env()
+    ```
 
-    The web process::
+    The web process:
 
-        runner = CeleryRunner(tasks)
-        async with AsyncBulkProcessor(settings=Settings.from_env()) as processor:
-            snapshot = await processor.submit(data, idempotency_key=key)
-            await runner.start(processor, snapshot.job_id, resume=False)
-            ...
-            snapshot = await processor.status(snapshot.job_id)  # from any process
+    ```python
+    runner = CeleryRunner(tasks)
+    async with AsyncBulkProcessor(settings=Settings.from_env()) as processor:
+        snapshot = await processor.submit(data, idempotency_key=key)
+        await runner.start(processor, snapshot.job_id, resume=False)
+        ...
+        snapshot = await processor.status(snapshot.job_id)  # from any process
+    ```
 
 Required settings for safe redelivery:
 

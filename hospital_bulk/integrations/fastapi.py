@@ -2,9 +2,11 @@
 
 `create_router` gives the endpoints of the original bulk service, to mount in your own app
 (behind your authentication); `create_app` is the whole service in one line (with
-``HOSPITAL_API_BASE_URL`` set to the upstream's URL)::
+``HOSPITAL_API_BASE_URL`` set to the upstream's URL):
 
-    uvicorn "hospital_bulk.integrations.fastapi:create_app" --factory
+```bash
+uvicorn "hospital_bulk.integrations.fastapi:create_app" --factory
+```
 
 The endpoints, relative to the router (`create_app` mounts it under ``/api/v1``):
 
@@ -513,6 +515,15 @@ class _EnvelopeRoute(APIRoute):
                 if error.status_code >= 500:
                     logger.warning("%s %s: %s", request.method, request.url.path, error.message)
                 return error.response()
+            except HTTPException:
+                raise  # the host app's own (its authentication): its handlers answer
+            except Exception as exc:
+                # A bug, not a refusal: logged with its traceback, answered in the envelope
+                # without its text (which could hold anything).
+                logger.exception("%s %s failed", request.method, request.url.path)
+                return _ApiError(
+                    500, "internal_error", f"internal error ({type(exc).__name__})"
+                ).response()
 
         return answer_in_envelope
 

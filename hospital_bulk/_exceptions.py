@@ -211,9 +211,7 @@ class BackendError(HospitalBulkError):
 
     Nothing is guessed when this is raised: the write or read it interrupted did not happen
     (or its effect is unknown, for a timeout), and the job is left as the store last held it.
-
-    Args:
-        message: What failed, without credentials.
+    Its message says what failed, never with credentials.
     """
 
 

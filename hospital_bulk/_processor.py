@@ -115,8 +115,9 @@ class JobEvent:
     Attributes:
         kind: What happened, in the past tense: ``job_started``, ``row_created``,
             ``row_rejected``, ``row_unknown``, ``row_deferred``, ``waiting``,
-            ``batch_activated``, ``job_finished``; ``snapshot`` first in `events`, and
-            ``progress`` for a change seen in a job that runs in another process.
+            ``batch_reconciled``, ``batch_activated``, ``job_finished``; ``snapshot`` first
+            in `events`, and ``progress`` for a change seen in a job that runs in another
+            process.
         job_id: The job's id.
         snapshot: The job's progress right after it happened.
         row: The data-row number concerned, if any.
@@ -636,7 +637,7 @@ class AsyncBulkProcessor:
         return self._snapshot(job, None)
 
     async def events(self, job_id: str, *, poll_interval: float = 0.5) -> AsyncIterator[JobEvent]:
-        """Yield the events of a job until it ends (a ``waiting``-free snapshot first).
+        """Yield the events of a job until it ends, a ``snapshot`` event first.
 
         A job running in this processor streams every event as it happens. A job running in
         another process (through a shared job store) is followed by reading its stored state

@@ -23,12 +23,15 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "IdempotencyStore",
+    "JobRecord",
+    "JobRow",
     "JobStore",
     "Lease",
     "RateLimiter",
 ]
 
 BreakerState = Literal["closed", "open", "half_open"]
+"""A breaker's state: ``closed`` (calls go), ``open`` (refused), ``half_open`` (one probe)."""
 
 
 @runtime_checkable

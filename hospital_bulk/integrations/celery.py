@@ -109,8 +109,8 @@ __all__ = [
 
 logger = logging.getLogger("hospital_bulk.integrations.celery")
 
-#: Builds a new processor for one task (called in the task's own event loop).
 ProcessorFactory = Callable[[], AsyncBulkProcessor]
+"""Builds a new processor for one task (called in the task's own event loop)."""
 
 # Seconds added to `lease_ttl` before a task retries a job another worker still leases.
 _LEASE_MARGIN = 1.0

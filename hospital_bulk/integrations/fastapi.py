@@ -120,6 +120,7 @@ ErrorType = Literal[
     "upstream_error",
     "internal_error",
 ]
+"""The ``error_type`` of an error envelope (`ErrorResponse`)."""
 
 # Room in a request body for the multipart framing around the file (boundaries, part headers).
 _MULTIPART_SLACK = 16 * 1024

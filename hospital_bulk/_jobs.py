@@ -330,6 +330,12 @@ class JobSnapshot(BaseModel):
     finished_at: float | None = None
     error: str | None = None
 
+    def _repr_html_(self) -> str:
+        """The snapshot as HTML, for Jupyter: status, rows per state, times, waits."""
+        from ._notebook import job_snapshot_html
+
+        return job_snapshot_html(self)
+
 
 class HospitalResult(BaseModel):
     """One row of a job's report.
@@ -379,3 +385,30 @@ class JobResult(BaseModel):
     processing_time_seconds: float
     batch_activated: bool
     hospitals: list[HospitalResult]
+
+    def _repr_html_(self) -> str:
+        """The report as HTML, for Jupyter: a summary and a table of the rows.
+
+        Rows that went wrong (rejected, unknown, invalid) are highlighted and listed first;
+        the table shows at most 200 rows and counts the rest. Every text is escaped.
+        """
+        from ._notebook import job_result_html
+
+        return job_result_html(self)
+
+    def to_pandas(self) -> Any:
+        """Return the rows as a pandas DataFrame, in file order.
+
+        Columns: ``row``, ``name``, ``status`` (the row's state as text), ``hospital_id``
+        (nullable integers) and ``error``.
+
+        Returns:
+            A `pandas.DataFrame`.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install pandas``, or the
+                ``notebook`` extra).
+        """
+        from ._notebook import job_result_frame
+
+        return job_result_frame(self)

@@ -56,7 +56,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeAlias, Union, overload
+from typing import Any, Literal, Protocol, TypeAlias, Union, overload
 
 from ._exceptions import ConfigurationError, CSVSourceError, CSVValidationError
 
@@ -477,6 +477,33 @@ class ValidationReport:
             f"invalid_rows={self.invalid_rows}, rows={len(self.rows)}, "
             f"encoding={self.encoding!r}, sha256={self.sha256[:12]!r}...)"
         )
+
+    def _repr_html_(self) -> str:
+        """The report as HTML, for Jupyter: a summary, then the errors and the warnings.
+
+        Each issue shows its code, row, line, column and message; each table shows at most
+        200 issues and counts the rest. Every text from the file is escaped.
+        """
+        from ._notebook import validation_report_html
+
+        return validation_report_html(self)
+
+    def to_pandas(self) -> Any:
+        """Return the errors and warnings as a pandas DataFrame, errors first.
+
+        Columns: ``severity`` (``"error"`` or ``"warning"``), ``code``, ``row`` and ``line``
+        (nullable integers), ``column`` and ``message``.
+
+        Returns:
+            A `pandas.DataFrame`.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install pandas``, or the
+                ``notebook`` extra).
+        """
+        from ._notebook import validation_report_frame
+
+        return validation_report_frame(self)
 
 
 # --- decoding and line splitting ------------------------------------------------------------

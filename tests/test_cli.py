@@ -1,17 +1,24 @@
-"""The `hospital-bulk` command line: validate, process, demo; exit codes, output, progress.
+"""The `hospital-bulk` command line: every command, its exit codes, output and progress.
 
-`process` runs against a fake upstream served on loopback, and every claim about the upstream
-is checked there (the oracle), not only in the printed report.
+`process`, `status`, `resume` and `rollback` run against a fake upstream served on loopback
+(and, for jobs that outlive one command, the real Redis of the `redis_url` fixture), and every
+claim about the upstream is checked there (the oracle), not only in the printed report.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from importlib import resources
 
+import httpx
 import pytest
 from helpers import REPORT_KEYS
 
@@ -22,6 +29,7 @@ from hospital_bulk.testing import FakeServer, Fault
 
 SAMPLE = resources.files("hospital_bulk").joinpath("_samples/hospitals.csv").read_bytes()
 SAMPLE_NAMES = [line.split(",")[0] for line in SAMPLE.decode().splitlines()[1:]]
+COMMANDS = ("validate", "process", "status", "resume", "rollback", "demo", "fake-upstream")
 
 
 class TTY(io.StringIO):
@@ -61,6 +69,7 @@ def blank_environment(monkeypatch):
         "CIRCUIT_BREAKER_FAILURE_THRESHOLD",
         "CIRCUIT_BREAKER_RECOVERY_TIMEOUT",
         "REDIS_URL",
+        "HOSPITAL_BULK_REDIS_PREFIX",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -269,6 +278,10 @@ def test_process_of_an_invalid_file_sends_nothing_and_exits_2(server, tmp_path, 
     assert captured.out == ""
     err = captured.err.splitlines()
     assert sum("missing_value" in line for line in err) == 2  # every error is listed
+    assert err[0].split() == ["kind", "code", "row", "line", "column", "message"]
+    # With its row, line and column.
+    assert err[1].split()[:5] == ["error", "missing_value", "1", "2", "name"]
+    assert err[2].split()[:5] == ["error", "missing_value", "2", "3", "address"]
     assert "nothing was sent" in one_error_line(err[-1])
     assert server.fake.requests == []
 
@@ -330,14 +343,34 @@ def test_usage_errors_are_one_line_with_exit_2(capsys):
     one_error_line(capsys.readouterr().err)
 
 
-def test_help_and_version_exit_0(capsys):
+def test_version_exits_0(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"hospital-bulk {hospital_bulk.__version__}"
-    for argv in (["--help"], ["validate", "--help"], ["process", "--help"], ["demo", "--help"]):
-        assert main(argv) == 0
-        assert "usage: hospital-bulk" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples_and_exit_statuses(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hospital-bulk {command}")
+    examples = out[out.index("Examples:") :]
+    assert f"hospital-bulk {command}" in examples
+    assert "Exit status:" in out
+
+
+def test_the_main_help_lists_every_command_and_every_exit_status(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"    {command}" in out
+    assert "Examples:" in out
+    statuses = out[out.index("Exit status:") :].splitlines()[1:]
+    codes = [line.split()[0] for line in statuses if line[:3].strip().isdigit()]
+    assert codes == ["0", "1", "2", "3", "4", "130"]
     assert main(["process", "--help"]) == 0
-    assert "HOSPITAL_API_BASE_URL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HOSPITAL_API_BASE_URL" in out
+    assert "REDIS_URL" in out
 
 
 def test_ctrl_c_cancels_the_job_and_exits_130(monkeypatch, capsys):
@@ -515,7 +548,7 @@ def test_python_dash_m_help_exits_0():
     )
     assert done.returncode == 0, done.stderr
     assert "usage: hospital-bulk" in done.stdout
-    for command in ("validate", "process", "demo"):
+    for command in COMMANDS:
         assert command in done.stdout
 
 
@@ -530,3 +563,332 @@ def test_python_dash_m_runs_the_fast_demo():
     assert done.returncode == 0, done.stderr
     assert "upstream check: 12 hospitals, 0 duplicates, all active" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+# -- jobs that outlive a command: process, status, resume, rollback on Redis ----------------------
+
+
+@pytest.fixture
+def stored(redis_url, redis_prefix, server):
+    """The options that keep jobs in the tests' Redis, under this test's own prefix."""
+    return ["--backend", redis_url, "--redis-prefix", redis_prefix]
+
+
+def test_process_json_with_quiet_prints_the_result_and_no_progress(server, sample_file, capsys):
+    assert main(["process", sample_file, "--base-url", server.url, "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "completed"
+    assert captured.err == ""
+
+
+def test_a_stored_job_across_commands_status_resume_rollback(server, sample_file, stored, capsys):
+    upstream = ["--base-url", server.url]
+    server.fake.inject(Fault.REJECT)
+    assert main(["process", sample_file, *upstream, *stored, "--json"]) == 1
+    captured = capsys.readouterr()
+    job = json.loads(captured.out)["job_id"]
+    error = one_error_line(captured.err.splitlines()[-1])
+    assert f"job {job} partially_failed" in error
+    assert f"'hospital-bulk resume {job} --backend " in error  # what to do next
+    assert f"'hospital-bulk rollback {job} --backend " in error
+    assert len(server.fake.hospitals) == 11
+
+    # A later command finds the stored job: its snapshot, and 1 (ended, not completed).
+    assert main(["status", job, *stored, "--json"]) == 1
+    snapshot = json.loads(capsys.readouterr().out)
+    assert (snapshot["job_id"], snapshot["status"]) == (job, "partially_failed")
+    assert snapshot["counts"]["rejected"] == 1
+    assert snapshot["counts"]["created"] == 11
+    assert main(["status", job, *stored]) == 1
+    out = capsys.readouterr().out
+    assert f"job {job}: partially_failed" in out
+    assert "rows: 12 (11 created, 1 rejected)" in out
+    assert f"next: 'hospital-bulk resume {job}" in out
+
+    # resume sends the rejected row only, on the job's own batch, then activates it.
+    assert main(["resume", job, *upstream, *stored]) == 0
+    captured = capsys.readouterr()
+    assert "status completed: 12/12 processed, 0 failed" in captured.out
+    assert "batches activated: 1/1" in captured.err
+    fake = server.fake
+    assert len(fake.creates()) == 13  # 12 rows, one of them sent twice (rejected, then created)
+    assert fake.duplicates() == []
+    assert sorted(h.name for h in fake.hospitals) == sorted(SAMPLE_NAMES)
+    assert all(h.active for h in fake.hospitals)
+    assert main(["status", job, *stored]) == 0
+    assert f"job {job}: completed" in capsys.readouterr().out
+    assert main(["status", job, *stored, "--result", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == REPORT_KEYS
+    assert [h["status"] for h in result["hospitals"]] == ["created_and_activated"] * 12
+
+    # rollback deletes the job's batch upstream; the job stays stored, rolled back.
+    assert main(["rollback", job, *upstream, *stored]) == 0
+    out = capsys.readouterr().out
+    assert "status rolled_back" in out
+    assert "reason: rolled back: 12 hospital(s) deleted upstream" in out
+    assert fake.hospitals == []
+    assert main(["status", job, *stored, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["status"] == "rolled_back"
+    # A rolled-back job cannot be resumed: the job's state refuses it (3), nothing is sent.
+    sent = len(fake.requests)
+    assert main(["resume", job, *upstream, *stored]) == 3
+    captured = capsys.readouterr()
+    assert "rolled back" in one_error_line(captured.err)
+    assert len(fake.requests) == sent
+
+
+def test_status_result_prints_the_row_table(server, sample_file, stored, capsys):
+    assert main(["process", sample_file, "--base-url", server.url, *stored, "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["job_id"]
+    assert main(["status", job, *stored, "--result"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["row", "hospital_id", "name", "status", "error"]
+    assert len([line for line in lines if line.rstrip().endswith("created_and_activated")]) == 12
+
+
+def test_process_resume_option_resumes_a_stored_job(server, sample_file, stored, capsys):
+    server.fake.inject(Fault.REJECT, times=2)
+    assert main(["process", sample_file, "--base-url", server.url, *stored, "--json"]) == 1
+    job = json.loads(capsys.readouterr().out)["job_id"]
+    assert main(["process", "--resume", job, "--base-url", server.url, *stored, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["job_id"], result["status"]) == (job, "completed")
+    assert len(server.fake.hospitals) == 12
+    assert server.fake.duplicates() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["FILE.csv", "--resume", "JOB"], "not both"),
+        (["--resume", "JOB", "--batch-size", "5"], "--batch-size"),
+        (["--resume", "JOB", "--idempotency-key", "k"], "--idempotency-key"),
+        (["--resume", "JOB", "--skip-invalid-rows"], "--skip-invalid-rows"),
+    ],
+)
+def test_process_resume_option_usage_errors(server, options, named, capsys):
+    assert main(["process", *options, "--base-url", server.url]) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+    assert server.fake.requests == []
+
+
+def test_the_backend_and_prefix_come_from_the_environment(
+    server, sample_file, redis_url, redis_prefix, monkeypatch, capsys
+):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("HOSPITAL_BULK_REDIS_PREFIX", redis_prefix)
+    assert main(["process", sample_file, "--base-url", server.url, "--json", "-q"]) == 0
+    job = json.loads(capsys.readouterr().out)["job_id"]
+    assert main(["status", job]) == 0
+    assert f"job {job}: completed" in capsys.readouterr().out
+    # The options win over the environment: another prefix holds no such job.
+    assert main(["status", job, "--redis-prefix", f"{redis_prefix}-other"]) == 2
+    assert f"no job with id '{job}'" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_idempotency_key_gives_back_the_stored_job_in_a_later_command(
+    server, sample_file, tmp_path, stored, capsys
+):
+    key = ["--idempotency-key", "upload-42"]
+    command = ["process", sample_file, "--base-url", server.url, *stored, *key, "--json"]
+    assert main(command) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["job_id"] == first["job_id"]
+    assert f"job {first['job_id']}, completed" in captured.err
+    assert len(server.fake.creates()) == 12  # nothing sent twice
+    # The same key with another file is refused: invalid input.
+    other = write_csv(tmp_path, csv_text(3), "other.csv")
+    assert main(["process", other, "--base-url", server.url, *stored, *key]) == 2
+    assert "upload-42" in one_error_line(capsys.readouterr().err)
+    assert len(server.fake.creates()) == 12
+
+
+def test_status_of_an_unknown_job_exits_2_naming_where_it_looked(stored, redis_prefix, capsys):
+    assert main(["status", "no-such-job", *stored]) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert "no job with id 'no-such-job'" in line
+    assert redis_prefix in line
+    assert captured.out == ""
+    assert main(["rollback", "no-such-job", *stored, "--base-url", "http://127.0.0.1:9"]) == 2
+    one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "JOB"],
+        ["resume", "JOB", "--base-url", "http://127.0.0.1:9"],
+        ["rollback", "JOB", "--base-url", "http://127.0.0.1:9"],
+        ["process", "--resume", "JOB", "--base-url", "http://127.0.0.1:9"],
+        ["status", "JOB", "--backend", "memory://"],
+    ],
+)
+def test_job_commands_need_a_shared_backend(monkeypatch, argv, capsys):
+    blank_environment(monkeypatch)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert "needs the shared backend" in line
+    assert "--backend redis://" in line
+    assert "REDIS_URL" in line
+    assert captured.out == ""
+
+
+def test_an_unreachable_backend_exits_3_without_its_credentials(
+    monkeypatch, sample_file, server, capsys
+):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = ["--backend", f"redis://:s3cret@127.0.0.1:{port}/0"]
+    assert main(["status", "JOB", *backend]) == 3
+    captured = capsys.readouterr()
+    assert "unreachable" in one_error_line(captured.err)
+    assert main(["process", sample_file, "--base-url", server.url, *backend]) == 3
+    captured2 = capsys.readouterr()
+    one_error_line(captured2.err)
+    assert "s3cret" not in captured.err + captured2.err + captured.out + captured2.out
+    assert server.fake.creates() == []
+
+
+def test_status_of_a_job_not_ended_exits_4_and_resume_runs_it(
+    server, redis_url, redis_prefix, stored, capsys
+):
+    with BulkProcessor(server.url, backend=redis_url, redis_prefix=redis_prefix) as processor:
+        job = processor.submit(SAMPLE).job_id  # created, never run
+    assert main(["status", job, *stored]) == 4
+    out = capsys.readouterr().out
+    assert f"job {job}: pending" in out
+    assert f"next: not started; 'hospital-bulk resume {job}" in out
+    assert main(["resume", job, "--base-url", server.url, *stored, "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    assert len(server.fake.hospitals) == 12
+    assert main(["resume", job, "--base-url", server.url, *stored, "-q"]) == 0
+    assert "already completed" in capsys.readouterr().err
+    assert len(server.fake.creates()) == 12
+
+
+def test_ctrl_c_on_a_stored_job_says_how_to_resume_it(
+    server, sample_file, stored, monkeypatch, capsys
+):
+    def interrupted(self, job_id, *, on_progress=None):
+        raise KeyboardInterrupt
+
+    run = BulkProcessor.run
+    monkeypatch.setattr(BulkProcessor, "run", interrupted)
+    assert main(["process", sample_file, "--base-url", server.url, *stored]) == 130
+    line = one_error_line(capsys.readouterr().err.splitlines()[-1])
+    assert "cancelled with 0/12 rows created" in line
+    hint = re.search(r"resume it with '(hospital-bulk resume [^']+)'$", line)
+    assert hint is not None, line
+    monkeypatch.setattr(BulkProcessor, "run", run)
+    # The command it names, run as it is written, finishes the job.
+    assert main(shlex.split(hint.group(1))[1:]) == 0
+    assert "status completed: 12/12 processed" in capsys.readouterr().out
+    assert len(server.fake.hospitals) == 12
+    assert server.fake.duplicates() == []
+
+
+def test_ctrl_c_on_a_job_in_memory_says_it_cannot_be_resumed(
+    server, sample_file, monkeypatch, capsys
+):
+    def interrupted(self, job_id, *, on_progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BulkProcessor, "run", interrupted)
+    assert main(["process", sample_file, "--base-url", server.url]) == 130
+    line = one_error_line(capsys.readouterr().err.splitlines()[-1])
+    assert "cannot be resumed" in line
+    assert "--backend redis://" in line
+
+
+def test_progress_says_when_rows_of_unknown_outcome_are_waited_for():
+    stream = io.StringIO()
+    display = cli._LineDisplay(stream)
+    display.update(snapshot(0, 10, waiting=WaitReason.RECONCILE))
+    assert "waiting before reading back rows of unknown outcome" in stream.getvalue()
+
+
+# -- fake-upstream -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_served(url: str, process: subprocess.Popen, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(f"{url}/__fake__/state", timeout=2).json()
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_fake_upstream_serves_with_its_options_until_ctrl_c(sample_file, monkeypatch, capsys):
+    blank_environment(monkeypatch)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    options = ["--create-latency", "0", "--no-rate-limits", "--batch-cap", "5", "--seed", "7"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hospital_bulk", "fake-upstream", "--port", str(port), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        state = wait_until_served(url, process)
+        assert state["seed"] == 7
+        assert httpx.get(f"{url}/", timeout=5).status_code == 200
+        # Its batch cap is 5: a client sending batches of 5 loads every row.
+        assert main(["process", sample_file, "--base-url", url, "--batch-size", "5", "-q"]) == 0
+        assert "status completed: 12/12 processed" in capsys.readouterr().out
+        hospitals = httpx.get(f"{url}/__fake__/state", timeout=5).json()["hospitals"]
+        assert len(hospitals) == 12
+        assert len({h["creation_batch_id"] for h in hospitals}) == 3
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    err = process.stderr.read() if process.stderr else ""
+    process.stdout.close()
+    process.stderr.close()
+    assert f"serving the fake upstream on {url}" in err
+    assert "Traceback" not in err
+
+
+def test_fake_upstream_on_a_taken_port_exits_3(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "hospital_bulk", "fake-upstream", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"hospital-bulk: error: the fake upstream could not serve on 127.0.0.1:{port}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [(["--create-rate", "often"], "--create-rate"), (["--port", "http"], "--port")],
+)
+def test_fake_upstream_wrong_options_are_one_error_line(options, named, capsys):
+    assert main(["fake-upstream", *options]) == 2
+    assert named in one_error_line(capsys.readouterr().err)

@@ -58,6 +58,18 @@ class RowState(str, enum.Enum):
         return self.value
 
 
+SETTLED_STATES = frozenset(
+    {
+        RowState.CREATED,
+        RowState.CREATED_AND_ACTIVATED,
+        RowState.REJECTED,
+        RowState.INVALID,
+        RowState.DELETED,
+    }
+)
+"""Row states that will not change any more in a run: what progress counts as done."""
+
+
 class JobStatus(str, enum.Enum):
     """Where a job stands.
 

@@ -19,7 +19,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from ._jobs import HospitalResult, JobResult, JobSnapshot, JobStatus, RowState, WaitReason
+from ._jobs import (
+    SETTLED_STATES,
+    HospitalResult,
+    JobResult,
+    JobSnapshot,
+    JobStatus,
+    RowState,
+    WaitReason,
+)
 
 if TYPE_CHECKING:
     from ._validation import ValidationIssue, ValidationReport
@@ -48,16 +56,6 @@ _PANDAS_HINT = (
 
 # Rows that went wrong: shown first and highlighted.
 _PROBLEMS = frozenset({RowState.REJECTED, RowState.UNKNOWN, RowState.INVALID})
-# Rows that will not change any more in this run (the processor's own notion of "settled").
-_SETTLED = frozenset(
-    {
-        RowState.CREATED,
-        RowState.CREATED_AND_ACTIVATED,
-        RowState.REJECTED,
-        RowState.INVALID,
-        RowState.DELETED,
-    }
-)
 _GOOD = "#1a7f37"
 _BAD = "#cf222e"
 _PAUSED = "#9a6700"
@@ -187,7 +185,7 @@ def job_snapshot_html(snapshot: JobSnapshot) -> str:
     Returns:
         An HTML fragment; every text from the job is escaped.
     """
-    settled = _settled(snapshot)
+    settled = settled_rows(snapshot)
     parts = [
         f"{snapshot.percent:.1f}% ({settled:,}/{snapshot.total_rows:,} rows settled)",
         f"{snapshot.elapsed_seconds:.1f} s",
@@ -315,11 +313,13 @@ def validation_report_frame(report: ValidationReport) -> Any:
 # -- progress --------------------------------------------------------------------------------
 
 
-def _settled(snapshot: JobSnapshot) -> int:
-    return sum(snapshot.counts.get(state, 0) for state in _SETTLED)
+def settled_rows(snapshot: JobSnapshot) -> int:
+    """How many rows of the job have settled (see `SETTLED_STATES`)."""
+    return sum(snapshot.counts.get(state, 0) for state in SETTLED_STATES)
 
 
-def _created(snapshot: JobSnapshot) -> int:
+def created_rows(snapshot: JobSnapshot) -> int:
+    """How many rows of the job exist upstream (created, activated or not)."""
     return snapshot.counts.get(RowState.CREATED, 0) + snapshot.counts.get(
         RowState.CREATED_AND_ACTIVATED, 0
     )
@@ -337,7 +337,7 @@ def _phase(snapshot: JobSnapshot) -> str:
 
 def _tally(snapshot: JobSnapshot) -> str:
     """Rows created, and the rejected and unknown ones when there are any."""
-    parts = [f"{_created(snapshot)} created"]
+    parts = [f"{created_rows(snapshot)} created"]
     for state in (RowState.REJECTED, RowState.UNKNOWN):
         count = snapshot.counts.get(state, 0)
         if count:
@@ -383,7 +383,7 @@ class _TqdmDisplay:
         self._best = 0
 
     def _show(self, snapshot: JobSnapshot, *, final: bool) -> None:
-        settled = min(_settled(snapshot), snapshot.total_rows)
+        settled = min(settled_rows(snapshot), snapshot.total_rows)
         if self._bar is None:
             self._bar = self._factory(
                 total=snapshot.total_rows, initial=settled, unit="row", desc=_phase(snapshot)
@@ -429,7 +429,7 @@ class _TextDisplay:
 
     def _line(self, snapshot: JobSnapshot, *, final: bool) -> str:
         total = snapshot.total_rows
-        self._best = max(self._best, _settled(snapshot))
+        self._best = max(self._best, settled_rows(snapshot))
         done = min(self._best, total)
         fraction = done / total if total else 1.0
         width = 20
@@ -495,7 +495,7 @@ class _LineDisplay:
 
     def update(self, snapshot: JobSnapshot) -> None:
         total = snapshot.total_rows
-        settled = _settled(snapshot)
+        settled = settled_rows(snapshot)
         if self._shown is None:
             self._write(
                 f"job {snapshot.job_id}: {_plural(total, 'row')} in "
@@ -517,7 +517,7 @@ class _LineDisplay:
             return
         if self._shown is None:
             self.update(snapshot)
-        settled = _settled(snapshot)
+        settled = settled_rows(snapshot)
         if settled != self._shown:
             self._progress(snapshot, settled)
         batches = len(snapshot.batch_ids)

@@ -62,6 +62,7 @@ from ._exceptions import (
     UpstreamError,
 )
 from ._jobs import (
+    SETTLED_STATES,
     HospitalResult,
     JobRecord,
     JobResult,
@@ -91,15 +92,6 @@ _T = TypeVar("_T")
 _A = TypeVar("_A")
 ProgressCallback = Callable[[JobSnapshot], Awaitable[None] | None]
 
-_SETTLED = frozenset(
-    {
-        RowState.CREATED,
-        RowState.CREATED_AND_ACTIVATED,
-        RowState.REJECTED,
-        RowState.INVALID,
-        RowState.DELETED,
-    }
-)
 _EXISTS = frozenset({RowState.CREATED, RowState.CREATED_AND_ACTIVATED})
 _AUDITED = frozenset({RowState.CREATED, RowState.UNKNOWN, RowState.PENDING})
 _LOST = "no longer upstream (the upstream lost it); sent again"
@@ -1289,7 +1281,7 @@ class AsyncBulkProcessor:
         for row in job.rows:
             counts[row.state] += 1
         total = len(job.rows)
-        settled = sum(counts[s] for s in _SETTLED)
+        settled = sum(counts[s] for s in SETTLED_STATES)
         elapsed = job.processing_seconds
         if run is not None:
             elapsed += time.monotonic() - run.started

@@ -72,6 +72,7 @@ from ._exceptions import (
     JobStateError,
 )
 from ._jobs import JobResult, JobSnapshot, JobStatus, RowState, WaitReason
+from ._notebook import created_rows, settled_rows, waiting_text
 from ._sync import BulkProcessor
 from ._validation import IssueCode, ValidationIssue, ValidationReport, validate_csv
 
@@ -90,13 +91,6 @@ _DEMO_URL = "http://fake-upstream.local"
 # `status` reads the backend only; settings still need an upstream URL, never used.
 _NO_UPSTREAM = "http://upstream.not-configured.invalid"
 _SAMPLE = "_samples/hospitals.csv"
-_SETTLED = (
-    RowState.CREATED,
-    RowState.CREATED_AND_ACTIVATED,
-    RowState.REJECTED,
-    RowState.INVALID,
-    RowState.DELETED,
-)
 _TICK = 0.5  # seconds between polls of a running job (for what it waits for)
 _NAME_WIDTH = 40  # the longest name shown in the plain result table
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
@@ -276,35 +270,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # -- progress ------------------------------------------------------------------------------------
 
 
-def _settled(snapshot: JobSnapshot) -> int:
-    return sum(snapshot.counts.get(state, 0) for state in _SETTLED)
-
-
-def _created(snapshot: JobSnapshot) -> int:
-    return snapshot.counts.get(RowState.CREATED, 0) + snapshot.counts.get(
-        RowState.CREATED_AND_ACTIVATED, 0
-    )
-
-
-def _waiting_text(snapshot: JobSnapshot) -> str | None:
-    """What the job waits for, in words, or ``None``."""
-    reason = snapshot.waiting_for
-    if reason is None:
-        return None
-    left = ""
-    if snapshot.waiting_until is not None:
-        seconds = snapshot.waiting_until - time.time()
-        if seconds >= 0.5:
-            left = f", {seconds:.0f} s"
-    if reason is WaitReason.WARM_UP:
-        return "waiting for the upstream to wake up"
-    if reason is WaitReason.RATE_LIMIT:
-        return f"waiting for the rate limit{left}"
-    if reason is WaitReason.RECONCILE:
-        return f"waiting before reading back rows of unknown outcome{left}"
-    return f"waiting: circuit breaker open after upstream failures{left}"
-
-
 def _phase(snapshot: JobSnapshot) -> str:
     if snapshot.status is JobStatus.RUNNING:
         return "creating"
@@ -343,7 +308,7 @@ class _LineDisplay:
         eta_text = f", eta {eta:.0f} s" if eta is not None and eta >= 1 else ""
         self._write(
             f"progress: {settled}/{total} rows ({percent:.0f}%): "
-            f"{_created(snapshot)} created, {snapshot.counts.get(RowState.REJECTED, 0)} "
+            f"{created_rows(snapshot)} created, {snapshot.counts.get(RowState.REJECTED, 0)} "
             f"rejected, {snapshot.counts.get(RowState.UNKNOWN, 0)} unknown; "
             f"{snapshot.elapsed_seconds:.1f} s{eta_text}"
         )
@@ -352,7 +317,7 @@ class _LineDisplay:
     def update(self, snapshot: JobSnapshot) -> None:
         with self._lock:
             total = snapshot.total_rows
-            settled = _settled(snapshot)
+            settled = settled_rows(snapshot)
             if self._shown is None:
                 self._write(
                     f"job {snapshot.job_id}: {_plural(total, 'row')} in "
@@ -363,7 +328,7 @@ class _LineDisplay:
             if settled >= self._shown + step or (settled == total and self._shown < total):
                 self._progress_line(snapshot, settled)
             self._batches(snapshot)
-            waiting = _waiting_text(snapshot)
+            waiting = waiting_text(snapshot)
             now = time.monotonic()
             if waiting is not None and (
                 snapshot.waiting_for is not self._waiting or now - self._waiting_shown_at >= 30
@@ -380,8 +345,8 @@ class _LineDisplay:
 
     def close(self, snapshot: JobSnapshot | None) -> None:
         with self._lock:
-            if snapshot is not None and _settled(snapshot) != self._shown:
-                self._progress_line(snapshot, _settled(snapshot))
+            if snapshot is not None and settled_rows(snapshot) != self._shown:
+                self._progress_line(snapshot, settled_rows(snapshot))
             if snapshot is not None:
                 self._batches(snapshot)
 
@@ -398,7 +363,7 @@ class _BarDisplay:
 
     def _draw(self, snapshot: JobSnapshot) -> None:
         total = snapshot.total_rows
-        self._best = max(self._best, _settled(snapshot))
+        self._best = max(self._best, settled_rows(snapshot))
         done = min(self._best, total)
         fraction = done / total if total else 1.0
         width = 24
@@ -410,7 +375,7 @@ class _BarDisplay:
             f"{100 * fraction:3.0f}%",
             f"{snapshot.elapsed_seconds:.0f} s",
         ]
-        waiting = _waiting_text(snapshot)
+        waiting = waiting_text(snapshot)
         if waiting:
             parts.append(waiting)
         line = "  ".join(parts)
@@ -458,8 +423,8 @@ class _RichDisplay:
 
     def update(self, snapshot: JobSnapshot) -> None:
         with self._lock:
-            self._best = max(self._best, _settled(snapshot))
-            note = _waiting_text(snapshot) or ""
+            self._best = max(self._best, settled_rows(snapshot))
+            note = waiting_text(snapshot) or ""
             if self._task is None:
                 self._progress.start()
                 self._task = self._progress.add_task(
@@ -476,7 +441,7 @@ class _RichDisplay:
             if snapshot is not None:
                 self._progress.update(
                     self._task,
-                    completed=_settled(snapshot),
+                    completed=settled_rows(snapshot),
                     description=_phase(snapshot),
                     note="",
                 )
@@ -634,7 +599,7 @@ def _execute(
         display.close(None)
         stopped = processor.cancel(job_id)
         raise _Interrupted(
-            f"interrupted: job {job_id} {stopped.status} with {_created(stopped)}/"
+            f"interrupted: job {job_id} {stopped.status} with {created_rows(stopped)}/"
             f"{stopped.total_rows} rows created, {stopped.counts.get(RowState.UNKNOWN, 0)} "
             f"unknown, {len(stopped.activated_batches)}/{len(stopped.batch_ids)} batches "
             f"activated{after_interrupt}"

@@ -810,7 +810,7 @@ def test_progress_says_when_rows_of_unknown_outcome_are_waited_for():
     stream = io.StringIO()
     display = cli._LineDisplay(stream)
     display.update(snapshot(0, 10, waiting=WaitReason.RECONCILE))
-    assert "waiting before reading back rows of unknown outcome" in stream.getvalue()
+    assert "waiting before reading back rows whose outcome is unknown" in stream.getvalue()
 
 
 # -- fake-upstream -------------------------------------------------------------------------------

@@ -100,19 +100,38 @@ class BulkProcessor:
         finally:
             self._portal_cm.__exit__(None, None, None)
 
-    def validate(self, source: Source) -> ValidationReport:
+    @property
+    def shares_jobs(self) -> bool:
+        """Whether other processes can see this processor's jobs (a shared job store)."""
+        return self._processor.shares_jobs
+
+    def validate(self, source: Source, *, max_rows: int | None = None) -> ValidationReport:
         """Validate a file; see `AsyncBulkProcessor.validate`.
 
         Args:
             source: A path, the file's bytes, or a binary file object.
+            max_rows: A row limit for this file on top of `Settings.max_rows`.
 
         Returns:
             The validation report.
         """
-        return self._call(lambda: self._processor.validate(source))
+        return self._call(lambda: self._processor.validate(source, max_rows=max_rows))
+
+    def accepts(self, report: ValidationReport) -> bool:
+        """Return whether `submit` creates a job from a file with this report.
+
+        Args:
+            report: The file's validation report.
+        """
+        return self._processor.accepts(report)
 
     def submit(
-        self, source: Source, *, idempotency_key: str | None = None, tenant: str | None = None
+        self,
+        source: Source,
+        *,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        max_rows: int | None = None,
     ) -> JobSnapshot:
         """Validate a file and create its job; see `AsyncBulkProcessor.submit`.
 
@@ -120,13 +139,24 @@ class BulkProcessor:
             source: A path, the file's bytes, or a binary file object.
             idempotency_key: With a key, the same key and the same file give the same job.
             tenant: Who submits; scopes the idempotency key.
+            max_rows: A row limit for this file on top of `Settings.max_rows`.
 
         Returns:
             The job's snapshot.
         """
         return self._call(
-            lambda: self._processor.submit(source, idempotency_key=idempotency_key, tenant=tenant)
+            lambda: self._processor.submit(
+                source, idempotency_key=idempotency_key, tenant=tenant, max_rows=max_rows
+            )
         )
+
+    def recover(self) -> list[JobResult]:
+        """Resume every job whose worker died; see `AsyncBulkProcessor.recover`.
+
+        Returns:
+            The results of the jobs it resumed.
+        """
+        return self._call(self._processor.recover)
 
     def run(
         self,
@@ -273,16 +303,17 @@ class BulkProcessor:
         """
         return self._call(lambda: self._processor.cancel(job_id))
 
-    def events(self, job_id: str) -> Iterator[JobEvent]:
+    def events(self, job_id: str, *, poll_interval: float = 0.5) -> Iterator[JobEvent]:
         """Yield a job's events until it ends; see `AsyncBulkProcessor.events`.
 
         Args:
             job_id: The job's id.
+            poll_interval: Seconds between reads of a job that runs in another process.
 
         Yields:
             The job's events.
         """
-        agen = self._processor.events(job_id)
+        agen = self._processor.events(job_id, poll_interval=poll_interval)
         with contextlib.closing(_Closer(self._portal, agen)):
             while True:
                 try:

@@ -683,3 +683,18 @@ async def test_a_resume_or_follower_arriving_as_a_run_finishes_waits_for_it(fake
     assert outcome["events"][0] == "snapshot"
     assert outcome["events"][-1] == "job_finished"
     assert_exactly_once(fake, 3)
+
+
+def test_the_sync_facade_has_the_async_processors_methods(fake):
+    async_methods = {
+        name
+        for name in dir(AsyncBulkProcessor)
+        if not name.startswith("_") and name not in ("aclose",)
+    }
+    sync_methods = {name for name in dir(BulkProcessor) if not name.startswith("_")}
+    assert async_methods - sync_methods == set()
+    with BulkProcessor("http://fake", transport=fake.transport(), create_rate="1000/minute") as p:
+        report = p.validate(csv_bytes(3), max_rows=2)
+        assert p.accepts(report) is False
+        assert p.shares_jobs is False
+        assert p.recover() == []

@@ -325,7 +325,8 @@ def created_rows(snapshot: JobSnapshot) -> int:
     )
 
 
-def _phase(snapshot: JobSnapshot) -> str:
+def phase_text(snapshot: JobSnapshot) -> str:
+    """What a job is doing, in a word (``creating``, ``activating``, ...)."""
     if snapshot.status is JobStatus.RUNNING:
         return "creating"
     if snapshot.status is JobStatus.ACTIVATING:
@@ -333,6 +334,12 @@ def _phase(snapshot: JobSnapshot) -> str:
     if snapshot.status is JobStatus.PENDING:
         return "starting"
     return str(snapshot.status)
+
+
+def bar_text(done: int, total: int, width: int) -> str:
+    """A text progress bar, ``[####----]``, `width` characters inside the brackets."""
+    filled = round(width * (done / total if total else 1.0))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
 def _tally(snapshot: JobSnapshot) -> str:
@@ -386,7 +393,7 @@ class _TqdmDisplay:
         settled = min(settled_rows(snapshot), snapshot.total_rows)
         if self._bar is None:
             self._bar = self._factory(
-                total=snapshot.total_rows, initial=settled, unit="row", desc=_phase(snapshot)
+                total=snapshot.total_rows, initial=settled, unit="row", desc=phase_text(snapshot)
             )
             self._best = settled
         # Settled rows only go down when a resumed job sends rejected rows again: keep the best.
@@ -397,7 +404,7 @@ class _TqdmDisplay:
         waiting = None if final else waiting_text(snapshot)
         if waiting:
             note = f"{note}; {waiting}"
-        self._bar.set_description(_phase(snapshot), refresh=False)
+        self._bar.set_description(phase_text(snapshot), refresh=False)
         self._bar.set_postfix_str(note, refresh=True)
 
     def update(self, snapshot: JobSnapshot) -> None:
@@ -432,11 +439,9 @@ class _TextDisplay:
         self._best = max(self._best, settled_rows(snapshot))
         done = min(self._best, total)
         fraction = done / total if total else 1.0
-        width = 20
-        filled = round(width * fraction)
         parts = [
-            f"{_phase(snapshot):<10}",
-            "[" + "#" * filled + "-" * (width - filled) + "]",
+            f"{phase_text(snapshot):<10}",
+            bar_text(done, total, 20),
             f"{done}/{total} {100 * fraction:3.0f}%",
             f"{snapshot.elapsed_seconds:.0f} s",
             _tally(snapshot),

@@ -72,7 +72,7 @@ from ._exceptions import (
     JobStateError,
 )
 from ._jobs import JobResult, JobSnapshot, JobStatus, RowState, WaitReason
-from ._notebook import created_rows, settled_rows, waiting_text
+from ._notebook import bar_text, created_rows, phase_text, settled_rows, waiting_text
 from ._sync import BulkProcessor
 from ._validation import IssueCode, ValidationIssue, ValidationReport, validate_csv
 
@@ -270,16 +270,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # -- progress ------------------------------------------------------------------------------------
 
 
-def _phase(snapshot: JobSnapshot) -> str:
-    if snapshot.status is JobStatus.RUNNING:
-        return "creating"
-    if snapshot.status is JobStatus.ACTIVATING:
-        return "activating"
-    if snapshot.status is JobStatus.PENDING:
-        return "starting"
-    return str(snapshot.status)
-
-
 class _Display(Protocol):
     def update(self, snapshot: JobSnapshot) -> None: ...
 
@@ -366,11 +356,9 @@ class _BarDisplay:
         self._best = max(self._best, settled_rows(snapshot))
         done = min(self._best, total)
         fraction = done / total if total else 1.0
-        width = 24
-        filled = round(width * fraction)
         parts = [
-            f"{_phase(snapshot):<10}",
-            "[" + "#" * filled + "-" * (width - filled) + "]",
+            f"{phase_text(snapshot):<10}",
+            bar_text(done, total, 24),
             f"{done}/{total}",
             f"{100 * fraction:3.0f}%",
             f"{snapshot.elapsed_seconds:.0f} s",
@@ -428,10 +416,10 @@ class _RichDisplay:
             if self._task is None:
                 self._progress.start()
                 self._task = self._progress.add_task(
-                    _phase(snapshot), total=snapshot.total_rows, note=note
+                    phase_text(snapshot), total=snapshot.total_rows, note=note
                 )
             self._progress.update(
-                self._task, completed=self._best, description=_phase(snapshot), note=note
+                self._task, completed=self._best, description=phase_text(snapshot), note=note
             )
 
     def close(self, snapshot: JobSnapshot | None) -> None:
@@ -442,7 +430,7 @@ class _RichDisplay:
                 self._progress.update(
                     self._task,
                     completed=settled_rows(snapshot),
-                    description=_phase(snapshot),
+                    description=phase_text(snapshot),
                     note="",
                 )
             self._progress.stop()

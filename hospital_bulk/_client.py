@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import re
+import ssl
 import time
 from types import TracebackType
 from typing import Any, Final, TypeVar
 from uuid import UUID
 
 import anyio
+import certifi
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
@@ -70,6 +73,8 @@ _NOT_SENT_ERRORS: Final = (
 _WINDOW_RE: Final = re.compile(r"(\d+)\s+per\s+(\d+)?\s*(second|minute|hour|day)", re.IGNORECASE)
 _UNIT_SECONDS: Final = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _DETAIL_LIMIT: Final = 500
+# Connections per httpx pool; a larger `limits.max_connections` is spread over several pools.
+LANE_CONNECTIONS: Final = 8
 
 
 class HospitalDirectoryClient:
@@ -128,18 +133,29 @@ class HospitalDirectoryClient:
                     "Directory API means a wrong path and must be seen, not followed"
                 )
             self._http = http_client
+            self._lanes = [http_client]
             self._owns_http = False
         else:
-            self._http = httpx.AsyncClient(
-                base_url=self._base_url,
-                timeout=self._timeout,
-                headers=headers,
-                auth=auth,
-                limits=limits or httpx.Limits(max_connections=40, max_keepalive_connections=40),
-                transport=transport,
-                follow_redirects=False,
-            )
+            limits = limits or httpx.Limits(max_connections=40, max_keepalive_connections=40)
+            lanes = _lane_limits(limits) if transport is None else [limits]
+            # One TLS context for every lane: each costs tens of milliseconds to load.
+            verify: ssl.SSLContext | bool = _default_ssl_context() if len(lanes) > 1 else True
+            self._lanes = [
+                httpx.AsyncClient(
+                    base_url=self._base_url,
+                    timeout=self._timeout,
+                    headers=headers,
+                    auth=auth,
+                    limits=lane,
+                    verify=verify,
+                    transport=transport,
+                    follow_redirects=False,
+                )
+                for lane in lanes
+            ]
+            self._http = self._lanes[0]
             self._owns_http = True
+        self._busy = [0] * len(self._lanes)
         self._warm_lock = anyio.Lock()
         self._warm_at: float | None = None
 
@@ -162,7 +178,8 @@ class HospitalDirectoryClient:
     async def aclose(self) -> None:
         """Close the connection pool (unless the `httpx.AsyncClient` was injected)."""
         if self._owns_http:
-            await self._http.aclose()
+            for lane in self._lanes:
+                await lane.aclose()
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -351,9 +368,12 @@ class HospitalDirectoryClient:
     ) -> httpx.Response:
         started = time.perf_counter()
         extensions = {} if timeout is None else {"timeout": httpx.Timeout(timeout).as_dict()}
+        lane = self._least_busy_lane()
+        http = self._lanes[lane]
+        self._busy[lane] += 1
         try:
-            request = self._http.build_request(method, path, json=json, extensions=extensions)
-            response = await self._http.send(request)
+            request = http.build_request(method, path, json=json, extensions=extensions)
+            response = await http.send(request)
         except _NOT_SENT_ERRORS as exc:
             logger.debug("%s %s not sent: %s", method, path, type(exc).__name__)
             raise RequestNotSentError(
@@ -377,12 +397,20 @@ class HospitalDirectoryClient:
                 path=path,
                 outcome=Outcome.AMBIGUOUS,
             ) from exc
+        finally:
+            self._busy[lane] -= 1
         if logger.isEnabledFor(logging.DEBUG):
             elapsed = (time.perf_counter() - started) * 1000
             logger.debug("%s %s -> %d in %.1f ms", method, path, response.status_code, elapsed)
         if response.is_success:
             return response
         raise _error_for(method, path, response)
+
+    def _least_busy_lane(self) -> int:
+        busy = self._busy
+        if len(busy) == 1:
+            return 0
+        return busy.index(min(busy))
 
     async def _call(
         self,
@@ -405,6 +433,43 @@ class HospitalDirectoryClient:
                 status_code=response.status_code,
                 outcome=Outcome.AMBIGUOUS,
             ) from exc
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    """The TLS context httpx makes by default: certifi's CAs, or ``SSL_CERT_FILE``/``_DIR``."""
+    cafile = os.environ.get("SSL_CERT_FILE")
+    capath = os.environ.get("SSL_CERT_DIR")
+    if cafile and os.path.isfile(cafile):
+        return ssl.create_default_context(cafile=cafile)
+    if capath and os.path.isdir(capath):
+        return ssl.create_default_context(capath=capath)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _lane_limits(limits: httpx.Limits) -> list[httpx.Limits]:
+    """Split a pool's connection limits over lanes of at most `LANE_CONNECTIONS` connections.
+
+    One httpx pool's bookkeeping costs more per request the more connections it holds (it
+    scans its requests against its connections), so that many requests in flight through one
+    pool spend most of their CPU there; several small pools do the same work for a fraction.
+    """
+    total = limits.max_connections
+    if total is None or total <= LANE_CONNECTIONS:
+        return [limits]
+    count = -(-total // LANE_CONNECTIONS)
+    keepalive = limits.max_keepalive_connections
+    lanes = []
+    for n in range(count):
+        size = total // count + (1 if n < total % count else 0)
+        lane_keepalive = None if keepalive is None else min(size, -(-keepalive // count))
+        lanes.append(
+            httpx.Limits(
+                max_connections=size,
+                max_keepalive_connections=lane_keepalive,
+                keepalive_expiry=limits.keepalive_expiry,
+            )
+        )
+    return lanes
 
 
 def _check_base_url(base_url: str) -> str:

@@ -30,7 +30,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import IO, Any, Literal, NoReturn, TypeVar, Union
@@ -139,6 +139,26 @@ class _Run:
     # Set once the run has decided its end: it saves it, then lets the job go.
     finishing: bool = False
     store_error: HospitalBulkError | None = None
+    # The rows' states as last saved, and their counts: a snapshot costs O(states), not
+    # O(rows), however many events a job emits.
+    states: list[RowState] = dataclasses.field(init=False)
+    counts: dict[RowState, int] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.states = [row.state for row in self.job.rows]
+        self.counts = dict.fromkeys(RowState, 0)
+        for state in self.states:
+            self.counts[state] += 1
+
+    def saved(self, rows: Sequence[JobRow]) -> None:
+        """Count the states of `rows`, which are being saved."""
+        states, counts = self.states, self.counts
+        for row in rows:
+            old, new = states[row.index], row.state
+            if old is not new:
+                counts[old] -= 1
+                counts[new] += 1
+                states[row.index] = new
 
 
 class AsyncBulkProcessor:
@@ -881,6 +901,7 @@ class AsyncBulkProcessor:
         raise BackendError(message) from exc
 
     async def _save_rows(self, run: _Run, rows: list[JobRow]) -> None:
+        run.saved(rows)
         await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
 
     async def _save_job(self, run: _Run) -> None:
@@ -1277,9 +1298,12 @@ class AsyncBulkProcessor:
                 send.send_nowait(JobEvent(kind, job.job_id, snapshot, row, message))
 
     def _snapshot(self, job: JobRecord, run: _Run | None) -> JobSnapshot:
-        counts = dict.fromkeys(RowState, 0)
-        for row in job.rows:
-            counts[row.state] += 1
+        if run is not None:
+            counts = dict(run.counts)
+        else:
+            counts = dict.fromkeys(RowState, 0)
+            for row in job.rows:
+                counts[row.state] += 1
         total = len(job.rows)
         settled = sum(counts[s] for s in SETTLED_STATES)
         elapsed = job.processing_seconds
@@ -1290,7 +1314,9 @@ class AsyncBulkProcessor:
             eta = 0.0
         elif run is not None and settled and settled < total:
             eta = elapsed / settled * (total - settled)
-        return JobSnapshot(
+        # Built without validation (every value is already of its field's type): a job emits
+        # a snapshot per row event, and validating its batch ids each time cost O(batches).
+        return JobSnapshot.model_construct(
             job_id=job.job_id,
             status=job.status,
             total_rows=total,

@@ -181,6 +181,18 @@ class RetryPolicy:
             BaseException: The last attempt's error, as raised by `fn`, when it is not safe
                 to retry or the attempts ran out.
         """
+        # The first attempt runs on its own: most calls succeed at once, and building the
+        # retry machinery for every call costs more than a fast request's own handling.
+        try:
+            return await fn()
+        except BaseException as exc:
+            if self._attempts <= 1 or not self.should_retry(exc):
+                raise
+            first = exc
+        wait_first = self.wait_for(first, 1)
+        if on_retry is not None and isinstance(first, UpstreamError):
+            await on_retry(first, wait_first)
+        await self._sleep(wait_first)
 
         async def before_sleep(state: tenacity.RetryCallState) -> None:
             if on_retry is None or state.outcome is None:
@@ -190,12 +202,13 @@ class RetryPolicy:
                 await on_retry(exc, state.upcoming_sleep)
 
         def wait(state: tenacity.RetryCallState) -> float:
+            # Attempt numbers count the first attempt, made above.
             exc = state.outcome.exception() if state.outcome is not None else None
-            return self.wait_for(exc, state.attempt_number) if exc is not None else 0.0
+            return self.wait_for(exc, state.attempt_number + 1) if exc is not None else 0.0
 
         retrying = AsyncRetrying(
             sleep=self._sleep,
-            stop=tenacity.stop_after_attempt(self._attempts),
+            stop=tenacity.stop_after_attempt(self._attempts - 1),
             wait=wait,
             retry=tenacity.retry_if_exception(self.should_retry),
             before_sleep=before_sleep,

@@ -420,3 +420,68 @@ async def test_warm_up_uses_its_own_long_timeout(api, client):
     route = api.get("/").respond(200, json={"status": "OK"})
     await client.warm_up(timeout=95.0)
     assert route.calls.last.request.extensions["timeout"]["read"] == 95.0
+
+
+# -- the connection pool's layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "sizes"),
+    [(8, [8]), (9, [5, 4]), (24, [8, 8, 8]), (40, [8, 8, 8, 8, 8]), (68, [8] * 5 + [7] * 4)],
+)
+def test_a_large_pool_is_split_into_lanes_of_at_most_eight_connections(total, sizes):
+    from hospital_bulk._client import _lane_limits
+
+    lanes = _lane_limits(httpx.Limits(max_connections=total, max_keepalive_connections=total))
+    assert [lane.max_connections for lane in lanes] == sizes
+    assert sum(lane.max_connections for lane in lanes) == total
+    assert all(lane.max_keepalive_connections <= lane.max_connections for lane in lanes)
+
+
+def test_an_unbounded_pool_stays_one_lane():
+    from hospital_bulk._client import _lane_limits
+
+    limits = httpx.Limits(max_connections=None)
+    assert _lane_limits(limits) == [limits]
+
+
+async def test_requests_in_flight_are_spread_over_the_lanes_and_counted_back(api):
+    release = anyio.Event()
+    started = 0
+
+    async def held(request):
+        nonlocal started
+        started += 1
+        await release.wait()
+        return httpx.Response(200, json=hospital_json())
+
+    api.post("/hospitals/").mock(side_effect=held)
+    limits = httpx.Limits(max_connections=24, max_keepalive_connections=24)
+    async with HospitalDirectoryClient(BASE, limits=limits) as client:
+        assert len(client._lanes) == 3
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(client.create_hospital, NEW)
+            with anyio.fail_after(5):
+                while started < 12:
+                    await anyio.sleep(0.01)
+            assert client._busy == [4, 4, 4]
+            release.set()
+        assert client._busy == [0, 0, 0]
+        # A failed request gives its lane back too.
+        api.post("/hospitals/").mock(side_effect=httpx.ConnectError("refused"))
+        with pytest.raises(RequestNotSentError):
+            await client.create_hospital(NEW)
+        assert client._busy == [0, 0, 0]
+
+
+async def test_the_lanes_share_one_tls_context_and_an_injected_transport_is_one_lane():
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with HospitalDirectoryClient("https://directory.test", limits=limits) as client:
+        contexts = {id(lane._transport._pool._ssl_context) for lane in client._lanes}
+        assert len(client._lanes) == 4
+        assert len(contexts) == 1
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"status": "OK"}))
+    async with HospitalDirectoryClient(BASE, limits=limits, transport=transport) as client:
+        assert len(client._lanes) == 1
+        assert await client.health()

@@ -25,6 +25,7 @@ from hospital_bulk import (
     JobStateError,
     JobStatus,
     LeaseLostError,
+    RetryPolicy,
     RowState,
     Settings,
     WaitReason,
@@ -698,3 +699,38 @@ def test_the_sync_facade_has_the_async_processors_methods(fake):
         assert p.accepts(report) is False
         assert p.shares_jobs is False
         assert p.recover() == []
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+async def test_every_snapshot_counts_the_rows_as_saved_in_the_job_store(seed):
+    # The processor keeps the counts as rows are saved instead of recounting every row for
+    # every event; each event's counts must equal a recount of the stored rows.
+    from hospital_bulk.backends.memory import MemoryJobStore
+    from hospital_bulk.testing import Faults
+
+    fake = FakeDirectory(
+        create_rate=None,
+        other_rate=None,
+        seed=seed,
+        faults=Faults(error_rate=0.15, reset_after_commit_rate=0.1),
+    )
+    store = MemoryJobStore()
+    checked: list[int] = []
+
+    async def on_progress(snapshot):
+        stored = await store.get(snapshot.job_id)
+        recount = dict.fromkeys(RowState, 0)
+        for row in stored.rows:
+            recount[row.state] += 1
+        assert snapshot.counts == recount, f"seed {seed}"
+        assert sum(snapshot.counts.values()) == snapshot.total_rows
+        checked.append(1)
+
+    async with processor(fake, job_store=store, retry=RetryPolicy.testing()) as p:
+        result = await p.process(csv_bytes(45), on_progress=on_progress)
+    assert len(checked) >= 45, f"seed {seed}"
+    assert result.status in {JobStatus.COMPLETED, JobStatus.PARTIALLY_FAILED}, f"seed {seed}"
+    final = dict.fromkeys(RowState, 0)
+    for hospital in result.hospitals:
+        final[hospital.status] += 1
+    assert sum(final.values()) == 45

@@ -37,35 +37,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import csv
 import gc
 import hashlib
 import io
 import json
 import os
-import platform
 import pstats
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import anyio
-import httpx
+import _harness
 import redis
 import redis.asyncio.connection as redis_connection
 
-import hospital_bulk
-from hospital_bulk import AsyncBulkProcessor, JobStatus
 from hospital_bulk.backends import redis as redis_backend
 
 HERE = Path(__file__).resolve().parent
@@ -73,228 +65,8 @@ DEFAULT_JSON = HERE / "results" / "redis_overhead.json"
 VARIANTS = ("bare", "memory", "redis")
 LABELS = {"bare": "bare httpx", "memory": "processor, memory", "redis": "processor, Redis"}
 # A budget the limiter never waits for (and `rate_margin=0`).
-UNLIMITED = "1000000/minute"
-BATCH = 20
-
-
-# -- the machine ------------------------------------------------------------------------------
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine(redis_url: str) -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    server = redis.Redis.from_url(redis_url)
-    try:
-        redis_server = server.info("server")["redis_version"]
-    finally:
-        server.close()
-    try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "uname": subprocess.run(
-            ["uname", "-a"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        or " ".join(platform.uname()),
-        "cpu_model": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "hospital_bulk": hospital_bulk.__version__,
-        "hospital_bulk_commit": commit,
-        "httpx": _version("httpx"),
-        "redis_py": _version("redis"),
-        "hiredis": _version("hiredis"),
-        "limits": _version("limits"),
-        "anyio": _version("anyio"),
-        "pydantic": _version("pydantic"),
-        "uvicorn": _version("uvicorn"),
-        "redis_server": redis_server,
-        "event_loop": "asyncio (stdlib)",
-    }
-
-
-# -- the fake upstream, in a process of its own ----------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process used so far, from /proc."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-@contextmanager
-def fake_upstream(rows: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``python -m hospital_bulk.testing`` on a free loopback port: fast and unlimited."""
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "hospital_bulk.testing",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--create-latency", "0",
-        "--no-rate-limits",
-        "--max-hospitals", str(max(10_000, 2 * rows)),
-        "--max-concurrent-creates", "1000",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"the fake upstream exited: {tail}")
-                try:
-                    if httpx.get(f"{url}/__fake__/state", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the fake upstream did not start within 30 s")
-                time.sleep(0.1)
-            yield url, process
-        finally:
-            process.terminate()  # the process this function started, by its handle
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def fake_control(url: str, action: str) -> Any:
-    method = "GET" if action == "state" else "POST"
-    response = httpx.request(method, f"{url}/__fake__/{action}", timeout=60)
-    response.raise_for_status()
-    return response.json()
-
-
-def check_upstream(url: str, rows: int) -> dict[str, int]:
-    """Every row created exactly once and active; return the requests seen, by route."""
-    state = fake_control(url, "state")
-    hospitals = state["hospitals"]
-    names = Counter(h["name"] for h in hospitals)
-    if len(hospitals) != rows or len(names) != rows:
-        raise RuntimeError(f"expected {rows} distinct hospitals, found {len(hospitals)}")
-    if not all(h["active"] for h in hospitals):
-        raise RuntimeError("some hospitals are not active")
-    bad = [r for r in state["requests"] if r["status"] is None or r["status"] >= 300]
-    if bad:
-        raise RuntimeError(f"{len(bad)} request(s) failed upstream, first: {bad[0]}")
-    return dict(sorted(Counter(f"{r['method']} {r['route']}" for r in state["requests"]).items()))
-
-
-# -- the job ---------------------------------------------------------------------------------
-
-
-def make_csv(rows: int) -> bytes:
-    lines = ["name,address,phone"]
-    lines += [f"Hospital {i},{i} Main Street,555-{i:04d}" for i in range(1, rows + 1)]
-    return ("\n".join(lines) + "\n").encode()
-
-
-async def bare_job(url: str, data: bytes, concurrency: int) -> None:
-    """The processor's requests on a fault-free job, with nothing else around them."""
-    rows = list(csv.DictReader(io.StringIO(data.decode())))
-    batches = [uuid.uuid4() for _ in range(-(-len(rows) // BATCH))]
-    limits = httpx.Limits(
-        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
-    )
-    timeout = httpx.Timeout(30.0, connect=10.0)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        (await client.get("/", timeout=120.0)).raise_for_status()
-        pending = iter(enumerate(rows))
-        ids: list[int | None] = [None] * len(rows)
-
-        async def worker() -> None:
-            for position, row in pending:
-                body = {
-                    "name": row["name"],
-                    "address": row["address"],
-                    "phone": row["phone"] or None,
-                    "creation_batch_id": str(batches[position // BATCH]),
-                }
-                response = await client.post("/hospitals/", json=body)
-                response.raise_for_status()
-                ids[position] = response.json()["id"]
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(concurrency, len(rows))):
-                tg.start_soon(worker)
-        sizes = {}
-        for batch in batches:  # the audit: read every batch back
-            response = await client.get(f"/hospitals/batch/{batch}")
-            response.raise_for_status()
-            sizes[batch] = len(response.json())
-        for batch in batches:
-            response = await client.patch(f"/hospitals/batch/{batch}/activate")
-            response.raise_for_status()
-            if response.json()["activated_count"] != sizes[batch]:
-                raise RuntimeError(f"batch {batch}: activated count differs")
-
-
-async def processor_job(url: str, data: bytes, concurrency: int, **backend: Any) -> None:
-    async with AsyncBulkProcessor(
-        url,
-        create_rate=UNLIMITED,
-        other_rate=UNLIMITED,
-        rate_margin=0,
-        concurrency=concurrency,
-        **backend,
-    ) as processor:
-        result = await processor.process(data)
-    rows = result.total_hospitals
-    if result.status is not JobStatus.COMPLETED or result.processed_hospitals != rows:
-        raise RuntimeError(f"the job ended {result.status.value}: {result.processed_hospitals}")
-
-
-def delete_prefix(redis_url: str, prefix: str) -> int:
-    """Delete every key under `prefix` (never anything else); return how many."""
-    client = redis.Redis.from_url(redis_url)
-    deleted = 0
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += client.delete(*batch)
-                batch.clear()
-        if batch:
-            deleted += client.delete(*batch)
-    finally:
-        client.close()
-    return deleted
+UNLIMITED = _harness.UNLIMITED
+BATCH = _harness.BATCH
 
 
 # -- counting Redis round trips ----------------------------------------------------------------
@@ -396,15 +168,6 @@ def _commandstats(redis_url: str) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
 
 
-def _redis_cpu(redis_url: str) -> float:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        info = client.info("cpu")
-    finally:
-        client.close()
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 # -- running ---------------------------------------------------------------------------------
 
 
@@ -413,7 +176,7 @@ class Bench:
         self.args = args
         self.url = url
         self.fake = fake
-        self.data = make_csv(args.rows)
+        self.data = _harness.make_csv(args.rows)
         self.base_prefix = f"bench-redis-overhead-{uuid.uuid4().hex[:12]}"
         self.serial = 0
         self.requests: dict[str, dict[str, int]] = {}
@@ -421,13 +184,13 @@ class Bench:
     def job(self, variant: str) -> tuple[Callable[[], Coroutine[Any, Any, None]], str | None]:
         args = self.args
         if variant == "bare":
-            return (lambda: bare_job(self.url, self.data, args.concurrency)), None
+            return (lambda: _harness.bare_job(self.url, self.data, args.concurrency, 1)), None
         if variant == "memory":
-            return (lambda: processor_job(self.url, self.data, args.concurrency)), None
+            return (lambda: _harness.processor_job(self.url, self.data, args.concurrency)), None
         self.serial += 1
         prefix = f"{self.base_prefix}-{self.serial}"
         return (
-            lambda: processor_job(
+            lambda: _harness.processor_job(
                 self.url,
                 self.data,
                 args.concurrency,
@@ -438,12 +201,12 @@ class Bench:
 
     def run(self, variant: str, *, profile: cProfile.Profile | None = None) -> dict[str, Any]:
         """One timed run of one variant, checked at the upstream afterwards."""
-        fake_control(self.url, "reset")
+        _harness.fake_control(self.url, "reset")
         job, prefix = self.job(variant)
         try:
             gc.collect()
-            redis_cpu0 = _redis_cpu(self.args.redis_url)
-            fake0 = _proc_cpu(self.fake.pid)
+            redis_cpu0 = _harness.redis_cpu(self.args.redis_url)
+            fake0 = _harness.proc_cpu(self.fake.pid)
             wall0, cpu0 = time.perf_counter(), time.process_time()
             if profile is not None:
                 profile.enable()
@@ -452,12 +215,12 @@ class Bench:
                 profile.disable()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
-            fake_cpu = _proc_cpu(self.fake.pid) - fake0
-            redis_cpu = _redis_cpu(self.args.redis_url) - redis_cpu0
+            fake_cpu = _harness.proc_cpu(self.fake.pid) - fake0
+            redis_cpu = _harness.redis_cpu(self.args.redis_url) - redis_cpu0
         finally:
             if prefix is not None:
-                delete_prefix(self.args.redis_url, prefix)
-        requests = check_upstream(self.url, self.args.rows)
+                _harness.delete_prefix(self.args.redis_url, prefix)
+        requests = _harness.check_upstream(self.url, self.args.rows)
         previous = self.requests.setdefault(variant, requests)
         if previous != requests:
             raise RuntimeError(f"{variant}: the requests differ between runs")
@@ -474,7 +237,7 @@ class Bench:
 
     def count_round_trips(self) -> dict[str, Any]:
         """One untimed Redis run with every round trip counted."""
-        fake_control(self.url, "reset")
+        _harness.fake_control(self.url, "reset")
         job, prefix = self.job("redis")
         assert prefix is not None
         before = _commandstats(self.args.redis_url)
@@ -483,8 +246,8 @@ class Bench:
                 asyncio.run(job())
         finally:
             after = _commandstats(self.args.redis_url)
-            delete_prefix(self.args.redis_url, prefix)
-        check_upstream(self.url, self.args.rows)
+            _harness.delete_prefix(self.args.redis_url, prefix)
+        _harness.check_upstream(self.url, self.args.rows)
         rows = self.args.rows
         batches = -(-rows // BATCH)
         commands = {
@@ -515,14 +278,6 @@ class Bench:
                 "by_command": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
             },
         }
-
-
-def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-def min_of(runs: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: min(run[key] for run in runs) for key in runs[0]}
 
 
 def table(results: dict[str, Any], round_trips: dict[str, Any] | None) -> str:
@@ -576,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not variants:
         parser.error(f"unknown variant(s): {sorted(unknown)}")
 
-    info = machine(args.redis_url)
+    info = _harness.machine(args.redis_url)
     print(f"# {info['uname']}\n# CPU: {info['cpu_model']} x {info['cpus']}", file=sys.stderr)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     round_trips = None
     profile_top = None
-    with fake_upstream(args.rows) as (url, fake):
+    options = _harness.fast_upstream_options(args.rows)
+    with _harness.fake_upstream(options) as (url, fake):
         bench = Bench(args, url, fake)
         for n in range(args.warmup):
             for variant in variants:
@@ -612,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         requests = bench.requests
 
     results: dict[str, Any] = {
-        v: {"runs": runs[v], "median": median_of(runs[v]), "min": min_of(runs[v])} for v in variants
+        v: {"runs": runs[v], "median": _harness.median_of(runs[v]), "min": _harness.min_of(runs[v])}
+        for v in variants
     }
     ratios: dict[str, float] = {}
     for stat in ("median", "min"):
@@ -652,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.rows} rows, concurrency {args.concurrency}, median of {args.repeat} runs")
     print(
         f"{info['cpu_model']} x {info['cpus']}; Python {info['python']}, "
-        f"httpx {info['httpx']}, redis-py {info['redis_py']}, Redis {info['redis_server']}"
+        f"httpx {info['httpx']}, redis-py {info['redis']}, Redis {info['redis_server']}"
     )
     print()
     print(table(results, round_trips))

@@ -23,14 +23,17 @@ import email.utils
 import logging
 import os
 import re
+import select
 import ssl
 import time
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from uuid import UUID
 
 import anyio
 import certifi
+import httpcore
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
@@ -153,6 +156,9 @@ class HospitalDirectoryClient:
                 )
                 for lane in lanes
             ]
+            if transport is None:
+                for lane_client in self._lanes:
+                    _check_idle_connections_cheaply(lane_client)
             self._http = self._lanes[0]
             self._owns_http = True
         self._busy = [0] * len(self._lanes)
@@ -433,6 +439,107 @@ class HospitalDirectoryClient:
                 status_code=response.status_code,
                 outcome=Outcome.AMBIGUOUS,
             ) from exc
+
+
+def _check_idle_connections_cheaply(client: httpx.AsyncClient) -> None:
+    """Have the client's pool check its idle connections on their cached sockets.
+
+    Before each request, httpcore asks every idle connection of the pool whether its socket
+    turned readable (the server closed it). The default network stream answers by rebuilding
+    all its attributes, a system call included, each time; `_Stream` keeps the socket. The
+    pool is reached through httpx's transport; when that layout is not there (another httpx
+    version), nothing changes.
+    """
+    pool = getattr(getattr(client, "_transport", None), "_pool", None)
+    if isinstance(pool, httpcore.AsyncConnectionPool):
+        inner = getattr(pool, "_network_backend", None)
+        if isinstance(inner, httpcore.AsyncNetworkBackend) and not isinstance(inner, _Backend):
+            pool._network_backend = _Backend(inner)
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """A network backend whose streams answer ``is_readable`` from their cached socket."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        return _Stream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(
+            path, timeout=timeout, socket_options=socket_options
+        )
+        return _Stream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """A network stream that keeps its socket, for the pool's frequent idle checks."""
+
+    __slots__ = ("_inner", "_socket")
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        # A `socket.socket`, or asyncio's wrapper of one; either has `fileno()`.
+        sock = inner.get_extra_info("socket")
+        self._socket: _HasFileno | None = sock if hasattr(sock, "fileno") else None
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._socket is not None:
+            return _is_readable(self._socket)
+        return self._inner.get_extra_info(info)
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def _is_readable(sock: _HasFileno) -> bool:
+    """Whether a read would return at once (data, or the end a server's close leaves)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
 
 
 def _default_ssl_context() -> ssl.SSLContext:

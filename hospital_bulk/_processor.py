@@ -975,8 +975,9 @@ class AsyncBulkProcessor:
         job = run.job
         clean = True
         batches = _rows_by_batch(job.rows)
+        activated = set(job.activated_batches)
         for batch_id in list(job.batch_ids):
-            if batch_id in job.activated_batches:
+            if batch_id in activated:
                 continue
             rows = batches.get(batch_id, [])
             if not any(r.state in _AUDITED for r in rows):
@@ -1200,8 +1201,9 @@ class AsyncBulkProcessor:
         await self._save_job(run)
         problems: list[str] = []
         batches = _rows_by_batch(job.rows)
+        activated = set(job.activated_batches)
         for batch_id in job.batch_ids:
-            if batch_id in job.activated_batches:
+            if batch_id in activated:
                 continue
             members = [r for r in batches.get(batch_id, []) if r.state in _EXISTS]
             if not members:

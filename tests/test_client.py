@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -485,3 +486,66 @@ async def test_the_lanes_share_one_tls_context_and_an_injected_transport_is_one_
     async with HospitalDirectoryClient(BASE, limits=limits, transport=transport) as client:
         assert len(client._lanes) == 1
         assert await client.health()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused():
+    # The pool checks idle connections through the client's own network stream, which keeps
+    # its socket; a server closing a kept-alive connection must be noticed before reuse.
+    from hospital_bulk._client import _Backend
+
+    peers: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[1])
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"status": "OK"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()  # kept alive as far as the client knows, then closed
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        async with HospitalDirectoryClient(f"http://127.0.0.1:{port}", limits=limits) as client:
+            assert all(
+                isinstance(lane._transport._pool._network_backend, _Backend)
+                for lane in client._lanes
+            )
+            for _ in range(4):
+                assert await client.health()
+                await anyio.sleep(0.05)  # the close reaches the client's socket
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(set(peers)) == 4
+
+
+async def test_the_client_stream_tells_a_closed_idle_connection_from_an_open_one():
+    import httpcore
+
+    from hospital_bulk._client import _Backend
+
+    closing = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await closing.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stream = await _Backend(httpcore.AnyIOBackend()).connect_tcp("127.0.0.1", port)
+        assert stream._socket is not None  # the check is answered by the cached socket
+        assert stream.get_extra_info("is_readable") is False
+        closing.set()
+        with anyio.fail_after(5):
+            while not stream.get_extra_info("is_readable"):
+                await anyio.sleep(0.01)
+        await stream.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()

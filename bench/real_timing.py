@@ -92,7 +92,6 @@ OTHER_PER_WINDOW = 50
 ROOT_PER_WINDOW = 100
 BATCH_CAP = 20
 FAKE_OPTIONS = [
-    "--create-latency", str(CREATE_LATENCY),
     "--create-rate", f"{CREATES_PER_WINDOW}/{WINDOW:g}",
     "--other-rate", f"{OTHER_PER_WINDOW}/{WINDOW:g}",
     "--root-rate", f"{ROOT_PER_WINDOW}/{WINDOW:g}",
@@ -251,7 +250,9 @@ def create_windows(arrivals: list[float]) -> list[dict[str, float]]:
     return [{k: round(v, 4) for k, v in w.items()} for w in windows]
 
 
-def timeline(requests: list[dict[str, Any]], start: float, wall: float) -> dict[str, Any]:
+def timeline(
+    requests: list[dict[str, Any]], start: float, wall: float, latency: float
+) -> dict[str, Any]:
     """The run's requests as offsets from its start (the fake's clock is this process's)."""
     by_route: dict[str, list[float]] = {}
     for request in requests:
@@ -266,8 +267,8 @@ def timeline(requests: list[dict[str, Any]], start: float, wall: float) -> dict[
     result["create_windows"] = create_windows(creates)
     if creates:
         # The last create answers about one create latency after it arrived.
-        result["last_create_done_est_s"] = round(max(creates) + CREATE_LATENCY, 4)
-        result["after_last_create_s"] = round(wall - max(creates) - CREATE_LATENCY, 4)
+        result["last_create_done_est_s"] = round(max(creates) + latency, 4)
+        result["after_last_create_s"] = round(wall - max(creates) - latency, 4)
     return result
 
 
@@ -275,10 +276,13 @@ def timeline(requests: list[dict[str, Any]], start: float, wall: float) -> dict[
 
 
 class Bench:
-    def __init__(self, url: str, fake: subprocess.Popen[bytes], epsilon: float) -> None:
+    def __init__(
+        self, url: str, fake: subprocess.Popen[bytes], epsilon: float, latency: float
+    ) -> None:
         self.url = url
         self.fake = fake
         self.epsilon = epsilon
+        self.latency = latency
 
     def reference(self) -> dict[str, float]:
         _harness.fake_control(self.url, "reset")
@@ -308,7 +312,7 @@ class Bench:
         cpu = time.process_time() - cpu0
         fake_cpu = _harness.proc_cpu(self.fake.pid) - fake0
         checked = check_state(self.url, rows)
-        line = timeline(checked["requests"], mono0, wall)
+        line = timeline(checked["requests"], mono0, wall, self.latency)
         if "waves_left_at" in extra:
             extra["waves_left_at_s"] = [round(at - mono0, 4) for at in extra.pop("waves_left_at")]
         return {
@@ -534,6 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="seconds the bare loop adds to each 60 s window before its next wave (0.1)",
     )
+    parser.add_argument(
+        "--create-latency",
+        type=float,
+        default=CREATE_LATENCY,
+        help=f"seconds each create takes at the fake ({CREATE_LATENCY:g}, the upstream's); "
+        "shorter only to try the script quickly",
+    )
     parser.add_argument("--json", type=Path, default=None, help="(results/real_timing.json)")
     args = parser.parse_args(argv)
     wanted = [int(n) for n in args.scenarios.split(",") if n.strip()]
@@ -542,10 +553,14 @@ def main(argv: list[str] | None = None) -> int:
 
     info = _harness.machine()
     print(f"# {_harness.describe(info)}", file=sys.stderr)
-    options = [*FAKE_OPTIONS, "--max-hospitals", str(max(10_000, 2 * max(wanted)))]
+    options = [
+        *FAKE_OPTIONS,
+        "--create-latency", str(args.create_latency),
+        "--max-hospitals", str(max(10_000, 2 * max(wanted))),
+    ]  # fmt: skip
     scenarios: list[dict[str, Any]] = []
     with _harness.fake_upstream(options) as (url, fake):
-        bench = Bench(url, fake, args.epsilon)
+        bench = Bench(url, fake, args.epsilon, args.create_latency)
         for rows in wanted:
             long = rows > CREATES_PER_WINDOW
             scenarios.append(scenario(bench, rows, args.repeat_long if long else args.repeat))

@@ -123,6 +123,47 @@ class JobEvent:
     message: str | None = None
 
 
+class _RowWriter:
+    """Writes rows of one run, combining the writes of workers that save at the same time.
+
+    While one write is under way, the rows other workers save gather; the next write takes
+    them all, so many requests in flight cost few store round trips. A caller returns once a
+    write holding its rows succeeded, and raises that write's error if it failed. A write that
+    is cancelled puts its rows back for the next one.
+    """
+
+    def __init__(self, write: Callable[[list[JobRow]], Awaitable[None]]) -> None:
+        self._write = write
+        self._pending: list[JobRow] = []
+        self._lock = anyio.Lock()
+        self._started = 0
+        self._finished = 0
+        self._errors: dict[int, Exception] = {}
+
+    async def save(self, rows: Sequence[JobRow]) -> None:
+        self._pending.extend(rows)
+        ticket = self._started + 1  # the first write to start from now on takes these rows
+        async with self._lock:
+            if self._finished >= ticket:
+                error = self._errors.get(ticket)
+                if error is not None:
+                    raise error
+                return
+            batch, self._pending = self._pending, []
+            self._started += 1
+            try:
+                await self._write(batch)
+            except Exception as exc:
+                self._errors[self._started] = exc
+                self._finished = self._started
+                raise
+            except BaseException:
+                self._pending[:0] = batch
+                self._started -= 1
+                raise
+            self._finished = self._started
+
+
 @dataclasses.dataclass(slots=True)
 class _Run:
     """A job running in this processor."""
@@ -143,6 +184,8 @@ class _Run:
     # O(rows), however many events a job emits.
     states: list[RowState] = dataclasses.field(init=False)
     counts: dict[RowState, int] = dataclasses.field(init=False)
+    # The sending workers' row writes, combined (set by the processor when the run starts).
+    rows: _RowWriter | None = None
 
     def __post_init__(self) -> None:
         self.states = [row.state for row in self.job.rows]
@@ -904,6 +947,18 @@ class AsyncBulkProcessor:
         run.saved(rows)
         await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
 
+    async def _save_row(self, run: _Run, row: JobRow) -> None:
+        """Save one row a sending worker changed, in a write shared with the other workers."""
+        if run.rows is None:
+            job_id = run.job.job_id
+
+            async def write(rows: list[JobRow]) -> None:
+                await self._jobs.save_rows(job_id, rows, token=run.token)
+                run.saved(rows)  # counted once stored, as snapshots count
+
+            run.rows = _RowWriter(write)
+        await run.rows.save((row,))
+
     async def _save_job(self, run: _Run) -> None:
         await self._jobs.save_job(run.job, token=run.token)
 
@@ -1080,7 +1135,7 @@ class AsyncBulkProcessor:
             row.state = RowState.IN_FLIGHT
             row.attempts += 1
             row.sent_at = time.time()
-            await self._save_rows(run, [row])
+            await self._save_row(run, row)
             try:
                 return await self._client.create_hospital(body)
             except UpstreamError as exc:
@@ -1118,7 +1173,7 @@ class AsyncBulkProcessor:
             row.state, row.error, row.hospital_id = RowState.CREATED, None, hospital.id
             kind, message = "row_created", None
             logger.debug("Hospital created successfully: %s (ID: %d)", row.name, hospital.id)
-        await self._save_rows(run, [row])
+        await self._save_row(run, row)
         await self._emit(run, kind, row=row.row, message=message)
 
     async def _guarded(self, attempt: Callable[[], Awaitable[_T]], run: _Run | None) -> _T:

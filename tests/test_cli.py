@@ -191,7 +191,7 @@ def test_process_loads_every_row_once_and_prints_the_table(server, sample_file, 
     assert "batch activated: yes" in captured.out
     # Not a terminal: plain progress lines, at most one per 5 rows.
     assert "progress: 12/12 rows (100%)" in captured.err
-    assert captured.err.count("progress: ") == 3
+    assert 1 <= captured.err.count("progress: ") <= 3
     assert "batches activated: 1/1" in captured.err
     fake = server.fake
     assert fake.duplicates() == []

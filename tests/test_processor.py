@@ -734,3 +734,99 @@ async def test_every_snapshot_counts_the_rows_as_saved_in_the_job_store(seed):
     for hospital in result.hospitals:
         final[hospital.status] += 1
     assert sum(final.values()) == 45
+
+
+# -- the sending workers' combined row writes ---------------------------------------------------
+
+
+def _rows(n):
+    from hospital_bulk.protocols import JobRow
+
+    return [
+        JobRow(index=i, row=i + 1, line=i + 2, name=f"H{i}", address="A", phone=None, batch_id=None)
+        for i in range(n)
+    ]
+
+
+async def test_rows_saved_while_a_write_is_under_way_go_out_together_in_the_next():
+    from hospital_bulk._processor import _RowWriter
+
+    writes: list[list[int]] = []
+    gate = anyio.Event()
+
+    async def write(rows):
+        writes.append([r.index for r in rows])
+        if len(writes) == 1:
+            await gate.wait()
+
+    writer = _RowWriter(write)
+    rows = _rows(6)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.save, [rows[0]])
+        await anyio.wait_all_tasks_blocked()  # the first write is under way
+        for row in rows[1:]:
+            tg.start_soon(writer.save, [row])
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert writes == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_a_failed_write_fails_every_saver_of_its_rows_and_not_the_later_ones():
+    from hospital_bulk._processor import _RowWriter
+
+    gate = anyio.Event()
+    calls = 0
+
+    async def write(rows):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()
+        elif calls == 2:
+            raise BackendError("store down")
+
+    writer = _RowWriter(write)
+    rows = _rows(4)
+    outcomes: dict[int, str] = {}
+
+    async def save(row):
+        try:
+            await writer.save([row])
+        except BackendError:
+            outcomes[row.index] = "failed"
+        else:
+            outcomes[row.index] = "saved"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(save, rows[0])
+        await anyio.wait_all_tasks_blocked()  # the first write is under way
+        for row in rows[1:3]:
+            tg.start_soon(save, row)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    await save(rows[3])
+    assert outcomes == {0: "saved", 1: "failed", 2: "failed", 3: "saved"}
+    assert calls == 3
+
+
+async def test_a_cancelled_write_leaves_its_rows_to_the_next_one():
+    from hospital_bulk._processor import _RowWriter
+
+    writes: list[list[int]] = []
+    started = anyio.Event()
+
+    async def write(rows):
+        if not writes:
+            writes.append([])
+            started.set()
+            await anyio.sleep_forever()
+        writes.append([r.index for r in rows])
+
+    writer = _RowWriter(write)
+    rows = _rows(2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.save, [rows[0]])
+        await started.wait()
+        tg.cancel_scope.cancel()
+    await writer.save([rows[1]])
+    assert writes == [[], [0, 1]]

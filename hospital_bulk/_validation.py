@@ -10,11 +10,12 @@ How it works, and why:
 * **Streaming.** The source is read in chunks of `CHUNK_SIZE` bytes and hashed as it goes
   (``sha256`` is the file's fingerprint). Chunks are decoded incrementally and cut into physical
   lines (``\n``, ``\r\n`` and a lone ``\r`` all end a line; no other character does), and the
-  lines are handed one at a time to `csv.reader`, so ``reader.line_num`` counts physical lines.
-  Only the current chunk, a partial line and the record being parsed are held. A line longer than
-  the line cap (1 MiB, or ``8 * max_field_length + 1024`` characters when that is larger) is
-  skipped without being buffered whole; a record that keeps a quoted field open across more than
-  the cap is cut short the same way.
+  lines are handed one at a time to `csv.reader` (a chunk's lines through `itertools.chain`), so
+  ``reader.line_num`` counts physical lines. Only the current chunk, a partial line and the
+  record being parsed are held. A line longer than the line cap (1 MiB, or
+  ``8 * max_field_length + 1024`` characters when that is larger) is skipped without being
+  buffered whole; a record that keeps a quoted field open across more than the cap is cut short
+  the same way.
 * **Decoding.** A byte order mark selects UTF-8 (``"utf-8-sig"``), UTF-16 or UTF-32 (``"utf-16"``
   and ``"utf-32"``, either byte order); without one the file must be strict UTF-8 (``"utf-8"``).
   A line holding bytes that do not decode, or a NUL byte, is an error on that line and makes its
@@ -23,14 +24,19 @@ How it works, and why:
   records (NUL never occurs in an accepted value) with an `array.array` of end offsets. Row and
   line numbers are stored as runs (a new run only where a row or line number does not follow on
   from the previous kept row), so a clean file costs nothing for them. `ValidationReport.rows`
-  builds each `HospitalRow` on access. A million ~60-byte rows take about 75 MiB.
+  builds each `HospitalRow` on access. The rows of a 65 MiB file of a million rows take about
+  66 MiB; validating it peaks at about 81 MiB, the duplicate table included.
 * **Duplicates.** Identical rows (same name, address and phone after trimming) are a warning, not
   an error: the file asked for both. They are found with an open-addressing table of references
-  into an `array.array`, doubled when half full. The row fingerprint is Python's keyed 64-bit
-  SipHash of the record (BLAKE2b on platforms whose ``hash`` is narrower). When rows are kept, a
-  fingerprint match is confirmed by comparing the stored row, so a warning is never wrong. With
-  ``keep_rows=False`` only the 64-bit fingerprints are kept: two different rows would be reported
-  as identical only on a fingerprint collision (about one chance in 2**64 per pair of rows).
+  into an `array.array` of fingerprints. The table grows when half full: it doubles, or grows up
+  to 8 times at once when the bytes still to read (the size of a regular file or of bytes is
+  known) promise as many rows, which saves moving every entry at each doubling. The row
+  fingerprint is Python's keyed 64-bit SipHash of the record's text (the builtin ``hash``,
+  called directly; BLAKE2b on platforms whose ``hash`` is narrower). When rows are kept, the low
+  32 bits of each row's fingerprint are kept and a match is confirmed by comparing the stored
+  row, so a warning is never wrong. With ``keep_rows=False`` only the 64-bit fingerprints of
+  distinct rows are kept: two different rows would be reported as identical only on a
+  fingerprint collision (about one chance in 2**64 per pair of rows).
 * **Formula injection.** Spreadsheet programs run a cell that starts with ``=``, ``@``, ``+``, a
   tab or a carriage return as a formula. Such a ``name`` or ``address`` (``phone`` may start with
   ``+``) is rejected, or with ``formula_policy="neutralize"`` kept behind a leading ``'``.
@@ -51,11 +57,13 @@ import logging
 import os
 import re
 import secrets
+import stat
 import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal, Protocol, TypeAlias, Union, overload
 
 from ._exceptions import ConfigurationError, CSVSourceError, CSVValidationError
@@ -76,7 +84,6 @@ CHUNK_SIZE = 64 * 1024
 
 _MIN_LINE_CAP = 1 << 20
 _U32 = (1 << 32) - 1
-_U64 = (1 << 64) - 1
 
 FormulaPolicy = Literal["reject", "neutralize"]
 
@@ -212,9 +219,15 @@ class HospitalRow:
 
 
 class _RowStore(Sequence[HospitalRow]):
-    """The valid rows of a file, stored compactly; `HospitalRow` objects are built on access."""
+    """The valid rows of a file, stored compactly; `HospitalRow` objects are built on access.
 
-    __slots__ = ("_data", "_ends", "_next_line", "_next_row", "_run_line", "_run_row", "_run_start")
+    ``_data`` holds the UTF-8 records back to back and ``_ends`` the end offset of each. Row and
+    line numbers are runs: kept row ``i`` of the run starting at kept index ``_run_start[r]``
+    has row ``_run_row[r] + i - _run_start[r]`` and line ``_run_line[r] + i - _run_start[r]``.
+    `_KeptRows` fills it.
+    """
+
+    __slots__ = ("_data", "_ends", "_run_line", "_run_row", "_run_start")
 
     def __init__(self) -> None:
         self._data = bytearray()
@@ -222,24 +235,6 @@ class _RowStore(Sequence[HospitalRow]):
         self._run_start = array("Q")
         self._run_row = array("Q")
         self._run_line = array("Q")
-        self._next_row = -1
-        self._next_line = -1
-
-    def _append(self, row: int, line: int, record: bytes) -> None:
-        ends = self._ends
-        if row != self._next_row or line != self._next_line:
-            self._run_start.append(len(ends))
-            self._run_row.append(row)
-            self._run_line.append(line)
-        self._next_row = row + 1
-        self._next_line = line + 1
-        data = self._data
-        data += record
-        try:
-            ends.append(len(data))
-        except OverflowError:  # more than 4 GiB of row data
-            self._ends = ends = array("Q", ends)
-            ends.append(len(data))
 
     def _record(self, index: int) -> bytearray:
         ends = self._ends
@@ -295,89 +290,180 @@ class _RowStore(Sequence[HospitalRow]):
         return f"<{len(self)} hospital rows>"
 
 
-if sys.hash_info.width >= 64 and sys.hash_info.algorithm.startswith("siphash"):
-
-    def _fingerprint(record: bytes) -> int:
-        return hash(record) & _U64
-
+_fingerprint: Callable[[str], int]
+if sys.hash_info.width == 64 and sys.hash_info.algorithm.startswith("siphash"):
+    # A keyed 64-bit hash, as a signed integer; the builtin itself, with no call in between.
+    _fingerprint = hash
 else:  # pragma: no cover - platforms with a 32-bit or unkeyed str hash
     _BLAKE_KEY = secrets.token_bytes(16)
 
-    def _fingerprint(record: bytes) -> int:
+    def _blake_fingerprint(text: str) -> int:
+        record = text.encode("utf-8", "surrogatepass")
         digest = hashlib.blake2b(record, digest_size=8, key=_BLAKE_KEY).digest()
-        return int.from_bytes(digest, "little")
+        return int.from_bytes(digest, "little", signed=True)
+
+    _fingerprint = _blake_fingerprint
 
 
-class _DuplicateIndex:
-    """Finds rows identical to an earlier row, in memory proportional to the rows.
+def _same(count: int) -> int:
+    """The default projection of a `_FingerprintTable`: no growth expected beyond what is."""
+    return count
 
-    An open-addressing table (linear probing, doubled when half full) of 1-based references.
-    With a row store, a reference is a store index, ``_fps`` holds the low 32 bits of every
-    stored row's fingerprint and a match is confirmed against the stored record. Without one,
-    a reference is an entry of ``_fps`` (full 64-bit fingerprints) and ``_rows`` (first rows).
+
+def _record_text(name: str, address: str, phone: str) -> str:
+    """A valid row as one string: its values joined by NUL, which no accepted value holds."""
+    return f"{name}\x00{address}\x00{phone}"
+
+
+class _FingerprintTable:
+    """An open-addressing table (linear probing) of references into ``_fps``.
+
+    ``_fps[0]`` is a placeholder, so that a reference (never 0, which marks an empty slot) is
+    the index of its fingerprint in ``_fps``. An entry's home slot is its fingerprint masked by
+    ``_mask``; the table is doubled when half full.
     """
 
-    __slots__ = ("_fps", "_mask", "_rows", "_store", "_table", "_used")
+    __slots__ = ("_fps", "_limit", "_mask", "_table", "project", "store")
 
-    def __init__(self, store: _RowStore | None) -> None:
+    def __init__(self, fps: array[int]) -> None:
         size = 1 << 12
         self._table = array("I", [0]) * size
         self._mask = size - 1
-        self._used = 0
-        self._store = store
-        self._fps = array("I" if store is not None else "Q")
-        self._rows = array("I")
+        self._limit = self._mask >> 1  # the most entries before the table grows
+        self._fps = fps
+        fps.append(0)
+        #: The kept rows (empty unless rows are kept).
+        self.store = _RowStore()
+        #: Given the entries so far, how many the table is likely to end with.
+        self.project: Callable[[int], int] = _same
 
-    def add(self, record: bytes, row: int) -> int:
-        """Record a row; return the number of an identical earlier row, or 0.
-
-        With a row store, call it once for every stored row, before storing it.
-        """
-        h = _fingerprint(record)
-        store = self._store
-        fp = h if store is None else h & _U32
-        table, mask, fps = self._table, self._mask, self._fps
-        slot = h & mask
-        ref = table[slot]
-        while ref:
-            if fps[ref - 1] == fp and (store is None or store._record(ref - 1) == record):
-                if store is None:
-                    return self._rows[ref - 1]
-                fps.append(fp)  # _fps stays aligned with the store
-                return store._row_number(ref - 1)
-            slot = (slot + 1) & mask
-            ref = table[slot]
-        fps.append(fp)
-        if store is None:
-            try:
-                self._rows.append(row)
-            except OverflowError:  # a row number beyond 2**32
-                self._rows = array("Q", self._rows)
-                self._rows.append(row)
-        try:
-            table[slot] = len(fps)
-        except OverflowError:  # more than 2**32 rows
-            self._table = table = array("Q", table)
-            table[slot] = len(fps)
-        self._used += 1
-        if self._used * 2 > mask:
-            self._grow()
-        return 0
+    def _widen(self, slot: int, ref: int) -> None:
+        """``_table[slot] = ref`` for a reference beyond 2**32: the table takes 64-bit items."""
+        self._table = array("Q", self._table)
+        self._table[slot] = ref
 
     def _grow(self) -> None:
+        """Double the table, or grow it up to 8 times at once if `project` expects as much.
+
+        Moving every entry to the new table is most of the cost of a growth: growing by more
+        at once when the rest of the file promises as many rows saves most of those moves.
+        """
         old = self._table
         size = len(old) * 2
+        wanted = 2 * self.project(self._limit + 1)  # at most half full at the end
+        while size < wanted and size < len(old) * 8:
+            size *= 2
         mask = size - 1
         table = array(old.typecode, [0]) * size
         fps = self._fps
-        for ref in old:
-            if ref:
-                slot = fps[ref - 1] & mask
-                while table[slot]:
-                    slot = (slot + 1) & mask
-                table[slot] = ref
+        for ref in filter(None, old):
+            slot = fps[ref] & mask
+            while table[slot]:
+                slot = (slot + 1) & mask
+            table[slot] = ref
         self._table = table
         self._mask = mask
+        self._limit = mask >> 1
+
+
+class _KeptRows(_FingerprintTable):
+    """Keeps the valid rows in a `_RowStore` and finds rows identical to an earlier one.
+
+    ``_fps`` holds the low 32 bits of the fingerprint of every stored row (kept row ``i`` at
+    ``_fps[i + 1]``); the table refers to the first of identical rows only. A fingerprint match
+    is confirmed against the stored record, so a duplicate is never wrong.
+    """
+
+    __slots__ = ("_data", "_ends", "_line_off", "_row_off")
+
+    def __init__(self) -> None:
+        super().__init__(array("I"))
+        self._data = self.store._data
+        self._ends = self.store._ends
+        # row - ref and line - ref of the current run of rows; -1 before the first row.
+        self._row_off = self._line_off = -1
+
+    def add(self, row: int, line: int, text: str) -> int:
+        """Keep a valid row (its `_record_text`); return an identical earlier row's number, or 0."""
+        fp = _fingerprint(text) & _U32
+        record = text.encode("utf-8", "surrogatepass")
+        table, mask, fps = self._table, self._mask, self._fps
+        ref = len(fps)  # this row's reference: its index in the store, plus one
+        slot = fp & mask
+        other = table[slot]
+        earlier = 0
+        while other:
+            if fps[other] == fp and self.store._record(other - 1) == record:
+                earlier = self.store._row_number(other - 1)
+                break
+            slot = (slot + 1) & mask
+            other = table[slot]
+        fps.append(fp)
+        if not earlier:
+            try:
+                table[slot] = ref
+            except OverflowError:  # more than 2**32 rows
+                self._widen(slot, ref)
+            if ref > self._limit:  # half full, counting duplicates too
+                self._grow()
+        if row - ref != self._row_off or line - ref != self._line_off:
+            self._new_run(ref, row, line)
+        data = self._data
+        data += record
+        try:
+            self._ends.append(len(data))
+        except OverflowError:  # more than 4 GiB of row data
+            self._ends = self.store._ends = array("Q", self._ends)
+            self._ends.append(len(data))
+        return earlier
+
+    def _new_run(self, ref: int, row: int, line: int) -> None:
+        store = self.store
+        store._run_start.append(ref - 1)
+        store._run_row.append(row)
+        store._run_line.append(line)
+        self._row_off = row - ref
+        self._line_off = line - ref
+
+
+class _Fingerprints(_FingerprintTable):
+    """Finds rows identical to an earlier one without keeping rows (``keep_rows=False``).
+
+    ``_fps`` holds the full 64-bit fingerprint of each distinct row and ``_rows`` its first row
+    number, both after a placeholder; a table reference is an index into both.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        super().__init__(array("q"))
+        self._rows = array("I", [0])
+
+    def add(self, row: int, line: int, text: str) -> int:
+        """Note a valid row (its `_record_text`); return an identical earlier row's number, or 0."""
+        fp = _fingerprint(text)
+        table, mask, fps = self._table, self._mask, self._fps
+        slot = fp & mask
+        other = table[slot]
+        while other:
+            if fps[other] == fp:
+                return self._rows[other]
+            slot = (slot + 1) & mask
+            other = table[slot]
+        ref = len(fps)
+        fps.append(fp)
+        try:
+            self._rows.append(row)
+        except OverflowError:  # a row number beyond 2**32
+            self._rows = array("Q", self._rows)
+            self._rows.append(row)
+        try:
+            table[slot] = ref
+        except OverflowError:  # more than 2**32 rows
+            self._widen(slot, ref)
+        if ref > self._limit:  # half full
+            self._grow()
+        return 0
 
 
 class _IssueList:
@@ -587,11 +673,20 @@ class _Source:
         self._read: Callable[[int], object] | None = None
         self._view: memoryview | None = None
         self._pos = 0
+        #: The bytes there are to read, when known (a regular file, bytes); a hint only.
+        self.size: int | None = None
         if isinstance(source, (str, os.PathLike)):
             handle = self._open_path(source)
             self.description = repr(handle.name)
             self._read = handle.read
             self._close = handle.close
+            try:
+                status = os.fstat(handle.fileno())
+            except OSError:  # pragma: no cover - an open file that cannot be stat'ed
+                pass
+            else:
+                if stat.S_ISREG(status.st_mode):
+                    self.size = status.st_size
         elif isinstance(source, (bytes, bytearray, memoryview)):
             try:
                 view = memoryview(source)
@@ -605,6 +700,7 @@ class _Source:
                 ) from exc
             self.description = f"<{type(source).__name__} of {view.nbytes} bytes>"
             self._view = view
+            self.size = view.nbytes
             self._close = view.release
         elif isinstance(source, io.TextIOBase):
             raise CSVSourceError(
@@ -725,7 +821,6 @@ class _Validator:
         self._max_bytes = max_bytes
         self._max_field_length = max_field_length
         self._neutralize = formula_policy == "neutralize"
-        self._keep_rows = keep_rows
         self._line_cap = max(_MIN_LINE_CAP, 8 * max_field_length + 1024)
         self._errors = _IssueList(max_errors, IssueCode.TOO_MANY_ERRORS, "errors")
         self._warnings = _IssueList(max_errors, IssueCode.TOO_MANY_WARNINGS, "warnings")
@@ -738,8 +833,8 @@ class _Validator:
         self._pending: list[tuple[int, IssueCode, str, bool]] = []
         # The physical line where the last record returned by the csv reader ended.
         self._shared = [0]
-        self._store = _RowStore()
-        self._dups = _DuplicateIndex(self._store if keep_rows else None)
+        self._rows: _KeptRows | _Fingerprints = _KeptRows() if keep_rows else _Fingerprints()
+        self._rows.project = self._project_rows
         self._invalid = 0
         self._total = 0
         self._columns: tuple[str, ...] = ()
@@ -747,6 +842,18 @@ class _Validator:
         self._checks_on = False
         self._index_name = self._index_address = 0
         self._index_phone = -1
+
+    def _project_rows(self, count: int) -> int:
+        """How many valid rows the file will have, from `count` so far and the bytes read."""
+        size = self._source.size
+        if size is None or not self._bytes_read:
+            return count
+        if self._max_bytes is not None:
+            size = min(size, self._max_bytes)
+        projected = count * size // self._bytes_read
+        if self._max_rows is not None:
+            projected = min(projected, self._max_rows)
+        return max(projected, count)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -801,8 +908,14 @@ class _Validator:
             if final:
                 return
 
-    def _lines(self) -> Generator[str, None, None]:
-        """Yield the physical lines of the file, each with its line end, to the csv reader."""
+    def _line_batches(self) -> Generator[list[str], None, None]:
+        """Yield the physical lines of the file, each with its line end, in lists.
+
+        The csv reader takes them one at a time through `itertools.chain`, so this generator
+        resumes once a chunk, not once a line. A line that comes with a problem (pending
+        until its record is read) is yielded in a list of its own, so that the problem is
+        noted just before the reader takes that line.
+        """
         cap = self._line_cap
         shared = self._shared
         pending = self._pending
@@ -839,7 +952,7 @@ class _Validator:
                     text = text[j:]
                 skipping = False
                 lineno += 1
-                yield self._skipped_line(lineno, skip_quotes)
+                yield [self._skipped_line(lineno, skip_quotes)]
             if carry:
                 text = carry + text
                 nul = nul or carry_nul
@@ -884,7 +997,7 @@ class _Validator:
                 for line in lines:
                     lineno += 1
                     if len(line) > cap:
-                        yield self._skipped_line(lineno, line.count('"'))
+                        yield [self._skipped_line(lineno, line.count('"'))]
                         continue
                     if nul and "\x00" in line:
                         pending.append((lineno, IssueCode.NUL_BYTE, self._nul_message(line), False))
@@ -893,9 +1006,9 @@ class _Validator:
                         pending.append(
                             (lineno, IssueCode.INVALID_ENCODING, self._encoding_message(), False)
                         )
-                    yield line
+                    yield [line]
             else:
-                yield from lines
+                yield lines
                 lineno += len(lines)
 
     def _skipped_line(self, lineno: int, quotes: int) -> str:
@@ -1100,18 +1213,18 @@ class _Validator:
             self._invalid += 1
 
     def _accept(self, row: int, line: int, name: str, address: str, phone: str) -> None:
-        record = f"{name}\x00{address}\x00{phone}".encode("utf-8", "surrogatepass")
-        earlier = self._dups.add(record, row)
+        earlier = self._rows.add(row, line, _record_text(name, address, phone))
         if earlier:
-            self._warnings.add(
-                IssueCode.DUPLICATE_ROW,
-                row,
-                line,
-                None,
-                f"row {row} is identical to row {earlier}; both will be created",
-            )
-        if self._keep_rows:
-            self._store._append(row, line, record)
+            self._duplicate(row, line, earlier)
+
+    def _duplicate(self, row: int, line: int, earlier: int) -> None:
+        self._warnings.add(
+            IssueCode.DUPLICATE_ROW,
+            row,
+            line,
+            None,
+            f"row {row} is identical to row {earlier}; both will be created",
+        )
 
     def _csv_error(self, exc: csv.Error, row: int | None, line: int, end: int) -> None:
         text = str(exc)
@@ -1145,11 +1258,12 @@ class _Validator:
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> ValidationReport:
-        lines = self._lines()
+        batches = self._line_batches()
         try:
-            self._run(csv.reader(lines, strict=True))
+            self._run(csv.reader(chain.from_iterable(batches), strict=True))
         finally:
-            lines.close()
+            batches.close()
+            self._rows.project = _same  # no cycle: the table goes as soon as this run does
         return self._report()
 
     def _run(self, reader: _CSVReader) -> None:
@@ -1188,8 +1302,8 @@ class _Validator:
                 )
             return
 
-        # The rows. Everything on the fast path is inlined for speed; anything unusual goes
-        # to _slow_row.
+        # The rows. Everything on the fast path is inlined for speed but keeping the row (one
+        # call); anything unusual goes to _slow_row.
         max_rows = self._max_rows if self._max_rows is not None else sys.maxsize
         ncols = self._ncols
         fast = self._checks_on
@@ -1198,7 +1312,8 @@ class _Validator:
         limit = self._max_field_length
         pending = self._pending
         slow_row = self._slow_row
-        accept = self._accept
+        add = self._rows.add
+        duplicate = self._duplicate
         formula = _FORMULA_TEXT
         formula_phone = _FORMULA_PHONE
         tab_cr = _TAB_CR
@@ -1228,13 +1343,12 @@ class _Validator:
                         if row > max_rows:
                             stopped = True
                             break
+                        text = f"{name}\x00{address}\x00{phone}"  # _record_text, inlined
                         if (
                             pending
                             or not name
                             or not address
-                            or len(name) > limit
-                            or len(address) > limit
-                            or len(phone) > limit
+                            or len(text) > limit  # then one value may be too long
                             or name[0] in formula
                             or address[0] in formula
                             or (phone and phone[0] in formula_phone)
@@ -1246,7 +1360,9 @@ class _Validator:
                         ):
                             slow_row(fields, row, start)
                         else:
-                            accept(row, start, name, address, phone)
+                            earlier = add(row, start, text)
+                            if earlier:
+                                duplicate(row, start, earlier)
                         continue
                     if not fields or not "".join(fields).strip():
                         continue  # blank
@@ -1293,7 +1409,7 @@ class _Validator:
         errors = self._errors.finish()
         warnings = self._warnings.finish()
         total = self._total
-        rows: Sequence[HospitalRow] = self._store
+        rows: Sequence[HospitalRow] = self._rows.store
         report = ValidationReport(
             errors=errors,
             warnings=warnings,

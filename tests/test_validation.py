@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import io
@@ -392,6 +393,155 @@ def test_duplicates_found_across_table_growth():
             "row 20001 is identical to row 1; both will be created",
             "row 20002 is identical to row 20000; both will be created",
         ], keep_rows
+
+
+@pytest.mark.parametrize("make", [bytes, io.BytesIO], ids=["size-known", "stream"])
+@pytest.mark.parametrize("keep_rows", [True, False])
+def test_duplicates_found_whatever_the_table_growth(make, keep_rows):
+    # Short rows first, then long ones: judging by its start, the file promises more rows than
+    # it has (the table grows by up to 8 times at once); a stream's size is unknown (it doubles).
+    short = [f"H{i},{i},\n" for i in range(5000)]
+    long = [f"Hospital {i},{'x' * 200} {i} Road,{i}\n" for i in range(5000)]
+    data = (HEADER + "".join(short + long) + short[0] + long[-1] + short[4096]).encode()
+    report = validate_csv(make(data), keep_rows=keep_rows)
+    assert [w.message for w in report.warnings] == [
+        "row 10001 is identical to row 1; both will be created",
+        "row 10002 is identical to row 10000; both will be created",
+        "row 10003 is identical to row 4097; both will be created",
+    ]
+    assert len(report.rows) == (10_003 if keep_rows else 0)
+
+
+def test_the_duplicate_table_grows_as_projected_but_at_most_eightfold():
+    def size_after_first_growth(project):
+        table = _validation._Fingerprints()
+        table.project = project
+        for i in range(2048):  # the 2048th entry fills half of the first 4096 slots
+            assert table.add(i + 1, i + 2, f"H{i}\x00Road\x00") == 0
+        return len(table._table)
+
+    assert size_after_first_growth(lambda count: count) == 8192
+    assert size_after_first_growth(lambda count: 3 * count) == 16384
+    assert size_after_first_growth(lambda count: 10**9) == 32768
+
+
+def test_the_source_size_is_known_for_regular_files_and_bytes_only(tmp_path):
+    data = load("valid.csv")
+    path = tmp_path / "h.csv"
+    path.write_bytes(data)
+    cases = [
+        (path, len(data)),
+        (str(path), len(data)),
+        (data, len(data)),
+        (bytearray(data), len(data)),
+        (memoryview(data), len(data)),
+        (io.BytesIO(data), None),
+    ]
+    for source, size in cases:
+        reader = _validation._Source(source)
+        try:
+            assert reader.size == size, source
+        finally:
+            reader.close()
+
+
+def test_the_projection_respects_the_limits(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_bytes((HEADER + "".join(f"H{i},{i} Road,\n" for i in range(10_000))).encode())
+    report = validate_csv(path, max_rows=3000)
+    assert report.total_rows == 3000
+    assert len(report.rows) == 3000
+    assert where(report.errors) == [("too_many_rows", None, 3002, None)]
+    report = validate_csv(path, max_bytes=50_000)
+    assert where(report.errors) == [("file_too_large", None, None, None)]
+    assert report.rows[-1].row == report.total_rows
+
+
+@pytest.mark.parametrize("policy", ["reject", "neutralize"])
+def test_duplicates_are_the_same_with_and_without_rows_kept(policy):
+    text = HEADER + "".join(
+        [
+            "A,1 Road,\n",
+            "  A , 1 Road ,  \n",  # 2: identical to 1 once trimmed
+            "A,1 Road,0\n",  # differs by its phone
+            "=B,2 Road,\n",  # 4: neutralised to '=B, or rejected
+            "'=B,2 Road,\n",  # 5: identical to 4 once 4 is neutralised
+            "Ä,中 Road,😀\n",
+            "Ä,中 Road,😀\n",  # 7: identical to 6
+            '"A,1",Road,\n',
+            'A,"1,Road",\n',  # not identical to 8: the comma is in another value
+        ]
+    )
+    kept = validate_csv(text.encode(), formula_policy=policy)
+    dry = validate_csv(text.encode(), formula_policy=policy, keep_rows=False)
+    duplicates = [(w.row, w.message) for w in kept.warnings if w.code == "duplicate_row"]
+    expected = [(2, "row 2 is identical to row 1; both will be created")]
+    if policy == "neutralize":
+        expected.append((5, "row 5 is identical to row 4; both will be created"))
+    expected.append((7, "row 7 is identical to row 6; both will be created"))
+    assert duplicates == expected
+    assert summary(dry)[:2] == summary(kept)[:2]
+
+
+@pytest.mark.parametrize("column", ["name", "address", "phone"])
+def test_values_up_to_the_limit_are_kept_however_long_the_row(column):
+    limit = 40
+    values = {"name": " N" + "n" * (limit - 1) + " ", "address": "A" * limit, "phone": "1" * limit}
+    good = ",".join(values.values())  # each value at the limit, the row three times as long
+    values[column] = values[column].strip() + "x"
+    bad = ",".join(values.values())
+    report = validate_csv((HEADER + good + "\n" + bad + "\n").encode(), max_field_length=limit)
+    assert where(report.errors) == [("field_too_long", 2, 3, column)]
+    assert [(r.row, len(r.name), len(r.address), len(r.phone)) for r in report.rows] == [
+        (1, limit, limit, limit)
+    ]
+
+
+def test_line_problems_stay_with_their_record_inside_one_chunk():
+    data = (
+        (HEADER + "A,1 Road,\n" + '"B\nb",2 Road,\n').encode()
+        + b"C\x00,3 Road,\n"
+        + b'"D\n\x00d",4 Road,\n'
+        + b"E,5 Road,\n"
+    )
+    report = validate_csv(data)
+    assert where(report.errors) == [("nul_byte", 3, 5, None), ("nul_byte", 4, 7, None)]
+    assert rows_of(report) == [
+        (1, 2, "A", "1 Road", None),
+        (2, 3, "B\nb", "2 Road", None),
+        (5, 8, "E", "5 Road", None),
+    ]
+
+
+@pytest.mark.parametrize("keep_rows", [True, False])
+def test_validation_leaves_nothing_for_the_garbage_collector(keep_rows, tmp_path):
+    # The duplicate table (megabytes for a large file) goes as soon as validate_csv returns,
+    # not at some later collection.
+    data = (
+        HEADER + "".join(f"H{i},{i} Road,\n" for i in range(5000)) + "H1,1 Road,\n"
+        '"a"b,x,\n=A,1,\nC\x00,1,\n"open,1,\n'
+    ).encode()
+    path = tmp_path / "h.csv"
+    path.write_bytes(data)
+    gc.collect()
+    gc.disable()
+    try:
+        for source in (path, data, io.BytesIO(data)):
+            report = validate_csv(source, keep_rows=keep_rows)
+            assert report.errors
+            assert report.warnings
+            assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(
+    not (sys.hash_info.width == 64 and sys.hash_info.algorithm.startswith("siphash")),
+    reason="the builtin hash is not a keyed 64-bit SipHash here",
+)
+def test_the_row_fingerprint_is_the_builtin_hash_itself():
+    # One builtin call per row, no Python function in between.
+    assert _validation._fingerprint is hash
 
 
 # --- encoding problems ---------------------------------------------------------------------------

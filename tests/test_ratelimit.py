@@ -373,6 +373,50 @@ async def test_redis_limiters_share_one_budget(
 
 
 @pytest.mark.anyio
+async def test_a_process_reads_the_shared_pause_at_most_once_per_interval_while_there_is_none(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    a = redis_limiter(redis_clients[0], redis_prefix, margin=0)
+    b = redis_limiter(redis_clients[1], redis_prefix, margin=0, pause_check_interval=0.3)
+    reads = 0
+    pttl = redis_clients[1].pttl
+
+    async def counting_pttl(*args: object, **kwargs: object) -> int:
+        nonlocal reads
+        reads += 1
+        return await pttl(*args, **kwargs)  # type: ignore[arg-type]
+
+    redis_clients[1].pttl = counting_pttl  # type: ignore[method-assign]
+    for _ in range(10):
+        await b.acquire("other", "/hospitals/")
+    assert reads == 1
+
+    # A pause set elsewhere holds b once its last read is older than the interval.
+    await anyio.sleep(0.3)
+    start = time.time()
+    await a.pause(0.6)
+    with anyio.fail_after(5):
+        await b.acquire("other", "/hospitals/")
+    assert time.time() - start >= 0.55
+    # A pause b sets itself holds it at once.
+    reads = 0
+    await b.acquire("other", "/hospitals/")
+    await b.pause(0.4)
+    start = time.time()
+    await b.acquire("other", "/hospitals/")
+    assert time.time() - start >= 0.35
+    assert reads >= 2
+
+
+@pytest.mark.anyio
+async def test_redis_limiter_rejects_a_bad_pause_check_interval(
+    redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="pause_check_interval"):
+        redis_limiter(redis_clients[0], redis_prefix, pause_check_interval=-1)
+
+
+@pytest.mark.anyio
 async def test_a_redis_pause_holds_every_process_and_never_shortens(
     redis_clients: tuple[aioredis.Redis, aioredis.Redis], redis_prefix: str
 ) -> None:

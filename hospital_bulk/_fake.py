@@ -6,7 +6,8 @@ timestamps with microseconds, 404 for an empty batch, 400 on a second activation
 cap (checked before the create latency), the storage cap, per-client per-path fixed-window rate
 limits whose 429 has no ``Retry-After``, and FastAPI-shaped 422 bodies. It never deduplicates and
 records every request with its arrival time, so tests count duplicates and missing rows here,
-at the oracle, not in the library's own report.
+at the oracle, not in the library's own report. The log keeps the last ``max_log`` requests
+(100,000 by default) so that a long-running served fake keeps a bounded memory.
 
 Three front ends share one core:
 
@@ -60,6 +61,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import json
 import logging
@@ -70,6 +72,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -283,8 +286,16 @@ class StoredHospital:
             "phone": self.phone,
             "creation_batch_id": self.creation_batch_id,
             "active": self.active,
-            "created_at": self.created_at.strftime(_TIMESTAMP_FORMAT),
+            "created_at": _timestamp(self.created_at),
         }
+
+
+def _timestamp(moment: datetime) -> str:
+    """``created_at`` as the API shows it: naive ISO 8601 with microseconds."""
+    if type(moment) is datetime and moment.tzinfo is None and moment.year >= 1000:
+        # The same text as the strftime format below, about ten times cheaper.
+        return moment.isoformat(timespec="microseconds")
+    return moment.strftime(_TIMESTAMP_FORMAT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,9 +406,8 @@ def _body_value(req: _Request, errors: list[dict[str, Any]]) -> object | None:
         text = req.body.decode("utf-8", "replace")
         errors.append(_not_an_object(text))
         return None
-    try:
-        value = json.loads(req.body)
-    except json.JSONDecodeError as exc:
+    value, exc = req.parsed
+    if isinstance(exc, json.JSONDecodeError):
         errors.append(
             {
                 "type": "json_invalid",
@@ -408,7 +418,7 @@ def _body_value(req: _Request, errors: list[dict[str, Any]]) -> object | None:
             }
         )
         return None
-    except ValueError:  # undecodable bytes
+    if exc is not None:  # undecodable bytes
         errors.append(
             {
                 "type": "json_invalid",
@@ -434,13 +444,12 @@ def _not_an_object(value: object) -> dict[str, Any]:
     }
 
 
-def _log_body(body: bytes) -> object | None:
-    if not body:
+def _log_body(req: _Request) -> object | None:
+    if not req.body:
         return None
-    try:
-        value: object = json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace")
+    value, exc = req.parsed
+    if exc is not None:
+        return req.body.decode("utf-8", "replace")
     return value
 
 
@@ -503,6 +512,19 @@ def _describe_rate(amount: int, seconds: float) -> str:
     return f"{amount} per {seconds:g} second"
 
 
+def _activated(hospital: StoredHospital) -> StoredHospital:
+    """``dataclasses.replace(hospital, active=True)``, without its per-call introspection."""
+    return StoredHospital(
+        id=hospital.id,
+        name=hospital.name,
+        address=hospital.address,
+        phone=hospital.phone,
+        creation_batch_id=hospital.creation_batch_id,
+        active=True,
+        created_at=hospital.created_at,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Requests and replies shared by the front ends
 # --------------------------------------------------------------------------------------------
@@ -518,6 +540,15 @@ class _Request:
     content_type: str | None
     body: bytes
     client: str
+
+    @functools.cached_property
+    def parsed(self) -> tuple[object, ValueError | None]:
+        """The body decoded as JSON once, for the log and the validation: (value, error)."""
+        try:
+            return json.loads(self.body), None
+        except ValueError as exc:
+            exc.__traceback__ = None
+            return None, exc
 
 
 class _Delivery(enum.Enum):
@@ -569,9 +600,12 @@ class _Scripted:
     remaining: int
 
 
+# One encoder for every reply (what ``json.dumps`` with these options builds on each call).
+_encode_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def _json_reply(status: int, payload: object, headers: Iterable[tuple[str, str]] = ()) -> _Reply:
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    encoded = body.encode("utf-8")
+    encoded = _encode_json(payload).encode("utf-8")
     return _Reply(
         status,
         [
@@ -668,6 +702,9 @@ class FakeDirectory:
         max_hospitals: Storage size; beyond it the oldest hospitals are dropped.
         max_concurrent_creates: How many creates may be in their latency phase at once (per
             event loop); the others wait their turn.
+        max_log: How many requests the log keeps (`requests`, `creates`, ``GET
+            /__fake__/state``); beyond it the oldest are dropped, so a long-running fake keeps
+            a bounded memory. ``None`` keeps every request.
         faults: Random faults and latency jitter, see `Faults`.
         seed: Seeds the random fault generator; ``None`` picks one (see `seed`).
         clock: Monotonic seconds, for the rate windows and request arrival times.
@@ -687,6 +724,7 @@ class FakeDirectory:
         batch_cap: int = 20,
         max_hospitals: int = 10_000,
         max_concurrent_creates: int = 40,
+        max_log: int | None = 100_000,
         faults: Faults | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -700,6 +738,8 @@ class FakeDirectory:
             raise ConfigurationError("max_hospitals must be >= 1")
         if max_concurrent_creates < 1:
             raise ConfigurationError("max_concurrent_creates must be >= 1")
+        if max_log is not None and max_log < 1:
+            raise ConfigurationError("max_log must be None or >= 1")
         self._create_latency = float(create_latency)
         self._rates: dict[str, RateSetting] = {
             "create": _check_rate_setting("create_rate", create_rate),
@@ -722,9 +762,16 @@ class FakeDirectory:
         self._faults = self._initial_faults
         self._rng = random.Random(self._seed)
         self._script: list[_Scripted] = []
-        self._log: list[_Entry] = []
+        self._max_log = max_log
+        self._log: deque[_Entry] = deque(maxlen=max_log)
+        self._logged = 0
         self._store: dict[int, StoredHospital] = {}
+        # Batch id -> the ids of its stored hospitals, oldest first (dict keys as an ordered
+        # set). Kept in step with ``_store`` by `_add_locked` and `_drop_locked`, so batch
+        # operations cost O(batch) instead of a scan of the storage.
+        self._batches: dict[str, dict[int, None]] = {}
         self._next_id = 1
+        self._oldest_id = 1  # no stored hospital has a smaller id (see `_oldest_locked`)
         self._windows: dict[tuple[str, str, str], tuple[float, int]] = {}
         self._generation = 0
         self._in_flight = 0
@@ -801,17 +848,36 @@ class FakeDirectory:
         """
         key = str(UUID(str(batch_id)))
         with self._lock:
-            return [h for h in self._store.values() if h.creation_batch_id == key]
+            return self._members_locked(key)
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A snapshot of every recorded request, in arrival order."""
+        """A snapshot of the recorded requests, in arrival order.
+
+        The log keeps the last ``max_log`` requests (see `FakeDirectory`); `requests_dropped`
+        says how many older ones were dropped.
+        """
         with self._lock:
             return [entry.freeze() for entry in self._log]
 
     def creates(self) -> list[RecordedRequest]:
-        """Return the recorded requests that reached the create route (``POST /hospitals/``)."""
-        return [r for r in self.requests if r.route == "create"]
+        """Return the recorded requests that reached the create route (``POST /hospitals/``).
+
+        Like `requests`, only what the log keeps.
+        """
+        with self._lock:
+            return [entry.freeze() for entry in self._log if entry.route == "create"]
+
+    @property
+    def max_log(self) -> int | None:
+        """How many requests the log keeps (``None``: every request)."""
+        return self._max_log
+
+    @property
+    def requests_dropped(self) -> int:
+        """How many recorded requests the log dropped to stay within ``max_log``."""
+        with self._lock:
+            return self._logged - len(self._log)
 
     def duplicates(self) -> list[list[StoredHospital]]:
         """Return groups of stored hospitals sharing (name, address, phone, batch id).
@@ -855,6 +921,7 @@ class FakeDirectory:
         with self._lock:
             self._restart_locked()
             self._log.clear()
+            self._logged = 0
             self._script.clear()
             self._faults = self._initial_faults
             self._rng = random.Random(self._seed)
@@ -862,7 +929,9 @@ class FakeDirectory:
 
     def _restart_locked(self) -> None:
         self._store.clear()
+        self._batches.clear()
         self._next_id = 1
+        self._oldest_id = 1
         self._windows.clear()
         self._generation += 1
 
@@ -896,20 +965,25 @@ class FakeDirectory:
         body = await _read_body(receive)
         if body is None:
             return
-        headers = {
-            key.decode("latin-1").lower(): value.decode("latin-1")
-            for key, value in scope.get("headers", [])
-        }
+        host: bytes | None = None
+        content_type: bytes | None = None
+        for key, value in scope.get("headers", ()):
+            name = key.lower()  # the same as decoding first: only ASCII folds to these names
+            if name == b"host":
+                host = value
+            elif name == b"content-type":
+                content_type = value
         client = scope.get("client")
-        server = scope.get("server")
-        default_host = f"{server[0]}:{server[1]}" if server else "127.0.0.1"
+        if host is None:
+            server = scope.get("server")
+            host = f"{server[0]}:{server[1]}".encode("latin-1") if server else b"127.0.0.1"
         request = _Request(
             method=scope["method"],
             path=scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"),
             scheme=scope.get("scheme", "http"),
-            host=headers.get("host", default_host),
-            content_type=headers.get("content-type"),
+            host=host.decode("latin-1"),
+            content_type=None if content_type is None else content_type.decode("latin-1"),
             body=body,
             client=client[0] if client else "unknown",
         )
@@ -946,9 +1020,10 @@ class FakeDirectory:
                 route=route.name if route else None,
                 arrived_at=self._clock(),
                 client=req.client,
-                body=_log_body(req.body),
+                body=_log_body(req),
             )
             self._log.append(entry)
+            self._logged += 1
             entry.fault = fault = self._pick_fault_locked(entry.route)
         if fault is Fault.DOWN:
             return _Reply(502, [], delivery=_Delivery.REFUSE, entry=entry)
@@ -959,7 +1034,7 @@ class FakeDirectory:
                 "type": "value_error",
                 "loc": ["body"],
                 "msg": "Value error, refused by the fake upstream (Fault.REJECT)",
-                "input": _log_body(req.body),
+                "input": _log_body(req),
             }
             return _with_entry(_json_reply(422, {"detail": [item]}), entry)
         if fault is Fault.RATE_LIMIT:
@@ -1111,7 +1186,7 @@ class FakeDirectory:
             if name == "get":
                 return _json_reply(200, found.to_dict())
             if name == "delete":
-                del self._store[hospital_id]
+                self._drop_locked(found)
                 entry.committed = True
                 return _Reply(204, [])
             assert update is not None
@@ -1127,7 +1202,7 @@ class FakeDirectory:
             entry.committed = True
             return _json_reply(200, changed.to_dict())
         assert batch_id is not None
-        members = [h for h in self._store.values() if h.creation_batch_id == batch_id]
+        members = self._members_locked(batch_id)
         if not members:
             return _detail(404, "No hospitals found with the specified batch ID")
         if name == "batch_list":
@@ -1139,7 +1214,7 @@ class FakeDirectory:
                     "Cannot activate batch: one or more hospitals in the batch are already active",
                 )
             for h in members:
-                self._store[h.id] = dataclasses.replace(h, active=True)
+                self._store[h.id] = _activated(h)
             entry.committed = True
             return _json_reply(
                 200,
@@ -1150,7 +1225,7 @@ class FakeDirectory:
             )
         # batch_delete
         for h in members:
-            del self._store[h.id]
+            self._drop_locked(h)
         entry.committed = True
         return _json_reply(
             200,
@@ -1164,7 +1239,7 @@ class FakeDirectory:
         batch_id = None if body.creation_batch_id is None else str(body.creation_batch_id)
         with self._lock:
             if batch_id is not None:
-                held = sum(1 for h in self._store.values() if h.creation_batch_id == batch_id)
+                held = len(self._batches.get(batch_id, ()))
                 if held >= self._batch_cap:
                     return _detail(400, f"Batch cannot exceed {self._batch_cap} hospitals")
             jitter = self._faults.latency_jitter
@@ -1186,11 +1261,46 @@ class FakeDirectory:
                 created_at=self._now().replace(tzinfo=None),
             )
             self._next_id += 1
-            self._store[hospital.id] = hospital
+            self._add_locked(hospital)
             while len(self._store) > self._max_hospitals:
-                del self._store[next(iter(self._store))]
+                self._drop_locked(self._oldest_locked())
             entry.committed = True
         return _json_reply(200, hospital.to_dict())
+
+    def _oldest_locked(self) -> StoredHospital:
+        """The oldest stored hospital (the storage must not be empty).
+
+        Ids only grow and hospitals are stored in id order, so the oldest is the smallest id
+        still stored: a cursor that only moves forward finds it in amortized O(1), where
+        ``next(iter(self._store))`` would walk over the slots of every hospital dropped since
+        the dict was last resized.
+        """
+        store = self._store
+        while self._oldest_id not in store:
+            self._oldest_id += 1
+        return store[self._oldest_id]
+
+    def _members_locked(self, batch_id: str) -> list[StoredHospital]:
+        """The stored hospitals of a batch (a lower-case UUID string), oldest first."""
+        ids = self._batches.get(batch_id)
+        if not ids:
+            return []
+        store = self._store
+        return [store[i] for i in ids]
+
+    def _add_locked(self, hospital: StoredHospital) -> None:
+        self._store[hospital.id] = hospital
+        if hospital.creation_batch_id is not None:
+            self._batches.setdefault(hospital.creation_batch_id, {})[hospital.id] = None
+
+    def _drop_locked(self, hospital: StoredHospital) -> None:
+        del self._store[hospital.id]
+        batch_id = hospital.creation_batch_id
+        if batch_id is not None:
+            ids = self._batches[batch_id]
+            del ids[hospital.id]
+            if not ids:
+                del self._batches[batch_id]
 
     async def _latency_phase(self, delay: float) -> None:
         async with self._slot():
@@ -1222,15 +1332,16 @@ class FakeDirectory:
     def state(self) -> dict[str, Any]:
         """Return everything a test may inspect, as JSON-ready data.
 
-        Keys: ``seed``, ``faults``, ``hospitals`` (in the API's shape), ``requests``,
-        ``creates_in_flight``, ``peak_creates_in_flight``. This is what
-        ``GET /__fake__/state`` answers.
+        Keys: ``seed``, ``faults``, ``hospitals`` (in the API's shape), ``requests`` (what the
+        log keeps, see ``max_log``), ``requests_dropped``, ``creates_in_flight``,
+        ``peak_creates_in_flight``. This is what ``GET /__fake__/state`` answers.
         """
         return {
             "seed": self.seed,
             "faults": self.faults.to_dict(),
             "hospitals": [h.to_dict() for h in self.hospitals],
             "requests": [r.to_dict() for r in self.requests],
+            "requests_dropped": self.requests_dropped,
             "creates_in_flight": self.creates_in_flight,
             "peak_creates_in_flight": self.peak_creates_in_flight,
         }
@@ -1560,7 +1671,12 @@ class FakeServer:
 
 
 def serve(
-    fake: FakeDirectory, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    fake: FakeDirectory,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    http: str = "auto",
 ) -> None:
     """Serve ``fake`` in the foreground until interrupted (what the command line runs).
 
@@ -1568,7 +1684,10 @@ def serve(
         fake: The fake to serve.
         host: The address to bind.
         port: The port to bind.
-        log_level: uvicorn's log level.
+        log_level: uvicorn's log level. Above ``"info"`` uvicorn's access log is switched
+            off (it would print nothing), which saves its work on every request.
+        http: uvicorn's HTTP implementation: ``"auto"`` (httptools when installed, else
+            h11), ``"h11"`` or ``"httptools"``.
 
     Raises:
         ImportError: uvicorn is not installed (``pip install "hospital-bulk[testing]"``).
@@ -1581,8 +1700,21 @@ def serve(
             host=host,
             port=port,
             log_level=log_level,
+            access_log=_logs_access(log_level),
+            http=http,
             lifespan="off",
             ws="none",
             interface="asgi3",
             timeout_graceful_shutdown=1,
         )
+
+
+def _logs_access(log_level: str | int) -> bool:
+    """Whether uvicorn's access log (records at INFO) can print anything at ``log_level``."""
+    if isinstance(log_level, str):
+        level = logging.getLevelName(log_level.upper())
+        if not isinstance(level, int):  # uvicorn's own "trace", or a name it will reject
+            return True
+    else:
+        level = log_level
+    return level <= logging.INFO

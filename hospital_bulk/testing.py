@@ -20,16 +20,17 @@ Or from a shell, for other processes (``--help`` lists every option)::
 
     python -m hospital_bulk.testing --port 8000 --create-latency 5 --seed 1
 
-The fake records every request and never deduplicates; inject faults with `Faults` (seeded
-random rates) or `FakeDirectory.inject` (a deterministic script of `Fault` values). A served
-fake is also controlled over HTTP under ``/__fake__/``: ``GET state``, ``PUT faults`` (a
-`Faults` as JSON), ``POST inject`` (``{"fault", "route", "times"}``), ``POST restart``,
-``POST reset``.
+The fake records every request (keeping the last ``max_log``, 100,000 by default) and never
+deduplicates; inject faults with `Faults` (seeded random rates) or `FakeDirectory.inject` (a
+deterministic script of `Fault` values). A served fake is also controlled over HTTP under
+``/__fake__/``: ``GET state``, ``PUT faults`` (a `Faults` as JSON), ``POST inject`` (``{"fault",
+"route", "times"}``), ``POST restart``, ``POST reset``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -95,6 +96,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-concurrent-creates", type=int, default=40, help="creates in parallel (40)"
     )
+    parser.add_argument(
+        "--max-log",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="requests the log keeps, oldest dropped (100000; 0 keeps every request)",
+    )
     faults = parser.add_argument_group("faults (random, drawn from the seeded generator)")
     faults.add_argument("--latency-jitter", type=float, default=0.0, help="extra 0..N s per create")
     faults.add_argument("--error-rate", type=float, default=0.0, help="503 before commit")
@@ -128,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit status.
     """
     parser = _build_parser()
+    parser.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="uvicorn's HTTP parser (auto: httptools when installed, else h11; httptools "
+        "costs the fake less CPU per request)",
+    )
     args = parser.parse_args(argv)
     routes = None
     if args.fault_routes:
@@ -137,11 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         fake = _build_fake(args, routes, limits)
     except ConfigurationError as exc:
         parser.error(str(exc))
+    if args.http == "httptools" and importlib.util.find_spec("httptools") is None:
+        parser.error("--http httptools needs httptools: pip install httptools")
     print(
         f"hospital_bulk fake upstream on http://{args.host}:{args.port} (seed {fake.seed})",
         file=sys.stderr,
     )
-    serve(fake, host=args.host, port=args.port, log_level=args.log_level)
+    serve(
+        fake,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=args.http,
+    )
     return 0
 
 
@@ -156,6 +179,7 @@ def _build_fake(
         batch_cap=args.batch_cap,
         max_hospitals=args.max_hospitals,
         max_concurrent_creates=args.max_concurrent_creates,
+        max_log=args.max_log or None,
         seed=args.seed,
         faults=Faults(
             latency_jitter=args.latency_jitter,

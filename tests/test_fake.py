@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import sys
 import time
@@ -125,6 +126,21 @@ async def test_default_clock_gives_naive_timestamps_with_microseconds() -> None:
         stamp = (await create(client)).json()["created_at"]
     assert TIMESTAMP.match(stamp), stamp
     assert fake.hospitals[0].created_at.tzinfo is None
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2025, 9, 20, 9, 50, 50, 824234),
+        datetime(2025, 9, 20, 9, 50, 50),
+        datetime(1000, 1, 1),
+        datetime(999, 12, 31, 23, 59, 59, 1),
+        datetime(2025, 9, 20, 9, 50, 50, 5, tzinfo=timezone.utc),
+    ],
+)
+def test_a_stored_hospital_prints_its_timestamp_as_the_strftime_format(moment: datetime) -> None:
+    hospital = StoredHospital(1, "A", "B", None, None, True, moment)
+    assert hospital.to_dict()["created_at"] == moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 async def test_list_get_put_delete(fake: FakeDirectory) -> None:
@@ -598,6 +614,124 @@ async def test_storage_cap_drops_the_oldest() -> None:
     assert gone.status_code == 404
     assert kept.status_code == 200
     assert [h["id"] for h in listed.json()] == [3, 4, 5]
+
+
+async def test_batch_operations_forget_hospitals_the_storage_cap_dropped() -> None:
+    fake = FakeDirectory(max_hospitals=3, batch_cap=2, create_rate=None, other_rate=None)
+    async with client_for(fake) as client:
+        for name in ("A1", "A2"):
+            await create(client, name, creation_batch_id=BATCH)
+        await create(client, "B1", creation_batch_id=OTHER_BATCH)
+        full = await create(client, "A3", creation_batch_id=BATCH)
+        await create(client, "plain")  # drops A1
+        partly = await client.get(f"/hospitals/batch/{BATCH}")
+        refilled = await create(client, "A3", creation_batch_id=BATCH)  # drops A2
+        await create(client, "plain 2")  # drops B1
+        gone = [
+            await client.request(method, f"/hospitals/batch/{OTHER_BATCH}{suffix}")
+            for method, suffix in (("GET", ""), ("PATCH", "/activate"), ("DELETE", ""))
+        ]
+        activated = await client.patch(f"/hospitals/batch/{BATCH}/activate")
+    assert full.json() == {"detail": "Batch cannot exceed 2 hospitals"}
+    assert [h["name"] for h in partly.json()] == ["A2"]
+    assert refilled.status_code == 200  # A1 no longer counts against the cap
+    assert [(r.status_code, r.json()) for r in gone] == [(404, {"detail": EMPTY_BATCH})] * 3
+    assert activated.json()["activated_count"] == 1
+    assert [(h.name, h.active) for h in fake.batch(BATCH)] == [("A3", True)]
+    assert fake.batch(OTHER_BATCH) == []
+    assert [h.id for h in fake.hospitals] == [4, 5, 6]
+
+
+async def test_a_deleted_hospital_leaves_its_batch() -> None:
+    fake = FakeDirectory(batch_cap=2)
+    async with client_for(fake) as client:
+        await create(client, "A1", creation_batch_id=BATCH)
+        await create(client, "A2", creation_batch_id=BATCH)
+        await client.delete("/hospitals/1")
+        listed = await client.get(f"/hospitals/batch/{BATCH}")
+        refilled = await create(client, "A3", creation_batch_id=BATCH)
+        deleted = await client.delete(f"/hospitals/batch/{BATCH}")
+        again = await create(client, "A4", creation_batch_id=BATCH.upper())
+    assert [h["id"] for h in listed.json()] == [2]
+    assert refilled.status_code == 200
+    assert deleted.json()["deleted_count"] == 2
+    assert again.status_code == 200
+    assert [h.name for h in fake.batch(BATCH)] == ["A4"]
+
+
+@pytest.mark.parametrize("how", ["restart", "reset"])
+async def test_a_restart_or_reset_empties_every_batch(how: str) -> None:
+    fake = FakeDirectory(batch_cap=2)
+    async with client_for(fake) as client:
+        await create(client, "A1", creation_batch_id=BATCH)
+        await create(client, "A2", creation_batch_id=BATCH)
+        getattr(fake, how)()
+        emptied = await client.get(f"/hospitals/batch/{BATCH}")
+        after = [(await create(client, f"B{i}", creation_batch_id=BATCH)) for i in range(3)]
+        listed = await client.get(f"/hospitals/batch/{BATCH}")
+    assert emptied.status_code == 404
+    assert [r.status_code for r in after] == [200, 200, 400]  # the cap counts afresh
+    assert [(h["id"], h["name"]) for h in listed.json()] == [(1, "B0"), (2, "B1")]
+
+
+async def test_batch_ids_in_any_uuid_spelling_name_one_batch(fake: FakeDirectory) -> None:
+    spellings = [BATCH, BATCH.upper(), BATCH.replace("-", ""), f"{{{BATCH}}}"]
+    async with client_for(fake) as client:
+        created = [
+            await create(client, f"H{i}", creation_batch_id=b) for i, b in enumerate(spellings)
+        ]
+        listed = [await client.get(f"/hospitals/batch/{b}") for b in spellings]
+    assert {r.json()["creation_batch_id"] for r in created} == {BATCH}
+    assert all(r.json() == listed[0].json() for r in listed)
+    assert [h["name"] for h in listed[0].json()] == ["H0", "H1", "H2", "H3"]
+    for spelling in (*spellings, uuid.UUID(BATCH)):
+        assert [h.name for h in fake.batch(spelling)] == ["H0", "H1", "H2", "H3"]
+    with pytest.raises(ValueError):
+        fake.batch("not-a-uuid")
+
+
+async def test_the_storage_cap_drops_the_oldest_across_gaps_and_restarts() -> None:
+    fake = FakeDirectory(max_hospitals=3)
+    async with client_for(fake) as client:
+        for i in range(1, 6):
+            await create(client, f"H{i}")  # 3, 4, 5 stay
+        await client.delete("/hospitals/3")
+        await client.delete("/hospitals/4")
+        for i in range(6, 9):
+            await create(client, f"H{i}")  # 5, 6, 7 fill up, 8 drops 5
+        kept = [h.id for h in fake.hospitals]
+        fake.restart()
+        for i in range(1, 5):
+            await create(client, f"R{i}")  # ids start over; 4 drops 1
+    assert kept == [6, 7, 8]
+    assert [h.id for h in fake.hospitals] == [2, 3, 4]
+
+
+async def test_the_batch_index_agrees_with_the_storage_under_random_traffic() -> None:
+    rng = random.Random(11)
+    batches = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(4)]
+    fake = FakeDirectory(max_hospitals=15, batch_cap=6, create_rate=None, other_rate=None)
+    async with client_for(fake) as client:
+        for step in range(400):
+            batch = rng.choice(batches)
+            draw = rng.random()
+            if draw < 0.55:
+                await create(client, f"H{step}", creation_batch_id=rng.choice([batch, None]))
+            elif draw < 0.7:
+                await client.delete(f"/hospitals/{rng.randint(1, 60)}")
+            elif draw < 0.8:
+                await client.delete(f"/hospitals/batch/{batch.upper()}")
+            elif draw < 0.9:
+                await client.patch(f"/hospitals/batch/{batch}/activate")
+            elif draw < 0.92:
+                fake.restart()
+            else:
+                listed = await client.get(f"/hospitals/batch/{batch}")
+                expected = [h.to_dict() for h in fake.hospitals if h.creation_batch_id == batch]
+                assert listed.json() == (expected or {"detail": EMPTY_BATCH})
+            for b in batches:
+                scanned = [h for h in fake.hospitals if h.creation_batch_id == b]
+                assert fake.batch(b) == scanned, (step, b)
 
 
 # ------------------------------------------------------------------------------------ rate limits
@@ -1116,6 +1250,53 @@ async def test_the_request_log_records_every_request(fake: FakeDirectory, clock:
     assert records[3].body is None
     assert [r.committed for r in records[1:]] == [False] * 4
     assert len(fake.creates()) == 2
+
+
+async def test_the_request_log_keeps_the_last_max_log_requests(clock: FakeClock) -> None:
+    fake = FakeDirectory(clock=clock, max_log=3)
+    async with client_for(fake) as client:
+        for i in range(4):
+            await create(client, f"H{i}")
+            clock.advance(1.0)
+        await client.get("/")
+        state = (await client.get("/__fake__/state")).json()
+    assert fake.max_log == 3
+    assert [r.arrived_at for r in fake.requests] == [1002.0, 1003.0, 1004.0]
+    assert [r.route for r in fake.requests] == ["create", "create", "root"]
+    assert [r.body["name"] for r in fake.creates()] == ["H2", "H3"]  # type: ignore[index]
+    assert fake.requests_dropped == 2
+    assert len(fake.hospitals) == 4  # only the log is trimmed
+    assert [r["arrived_at"] for r in state["requests"]] == [1002.0, 1003.0, 1004.0]
+    assert state["requests_dropped"] == 2
+    fake.reset()
+    assert fake.requests == []
+    assert fake.requests_dropped == 0
+
+
+async def test_the_request_log_bound_is_generous_and_can_be_lifted() -> None:
+    assert FakeDirectory().max_log == 100_000
+    fake = FakeDirectory(max_log=None)
+    async with client_for(fake) as client:
+        for _ in range(5):
+            await client.get("/")
+    assert fake.max_log is None
+    assert len(fake.requests) == 5
+    assert fake.requests_dropped == 0
+    with pytest.raises(ConfigurationError, match="max_log"):
+        FakeDirectory(max_log=0)
+
+
+async def test_a_request_dropped_from_the_log_still_completes() -> None:
+    fake = FakeDirectory(create_latency=0.05, max_log=1)
+    async with client_for(fake) as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(create, client, "slow")
+            await anyio.sleep(0.01)
+            await client.get("/")  # pushes the create in flight out of the log
+        await client.get("/hospitals/1")
+    assert [h.name for h in fake.hospitals] == ["slow"]
+    assert [(r.route, r.status) for r in fake.requests] == [("get", 200)]
+    assert fake.requests_dropped == 2
 
 
 async def test_duplicates_groups_identical_hospitals(fake: FakeDirectory) -> None:

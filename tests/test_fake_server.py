@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -18,6 +21,8 @@ import httpx
 import pytest
 
 import hospital_bulk
+import hospital_bulk.testing as testing
+from hospital_bulk import _fake
 from hospital_bulk.testing import FakeDirectory, FakeServer, Fault, Faults
 
 pytest.importorskip("uvicorn")
@@ -248,7 +253,14 @@ def test_command_line_help() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    for option in ("--create-latency", "--seed", "--no-rate-limits", "--port"):
+    for option in (
+        "--create-latency",
+        "--seed",
+        "--no-rate-limits",
+        "--port",
+        "--max-log",
+        "--http",
+    ):
         assert option in result.stdout
 
 
@@ -309,3 +321,100 @@ def test_command_line_serves_the_fake() -> None:
     assert state["seed"] == 5
     assert "seed 5" in stderr
     assert process.returncode == 0
+
+
+@contextlib.contextmanager
+def _served_command(*options: str) -> Iterator[httpx.Client]:
+    """``python -m hospital_bulk.testing <options>`` on a free port, with a client for it."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    command = [sys.executable, "-m", "hospital_bulk.testing", "--port", str(port), *options]
+    process = subprocess.Popen(
+        command, cwd=PACKAGE_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+            while True:
+                try:
+                    client.get("/__fake__/state")
+                    break
+                except httpx.TransportError:
+                    assert process.poll() is None, "the fake exited early"
+                    assert time.monotonic() < deadline, "the fake did not start"
+                    time.sleep(0.05)
+            yield client
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+    assert process.returncode == 0, stderr
+    assert b"Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("http", ["auto", "h11", "httptools"])
+def test_command_line_http_parsers_serve_the_same_fake(http: str) -> None:
+    if http == "httptools":
+        pytest.importorskip("httptools")
+    options = ["--create-latency", "0", "--no-rate-limits", "--log-level", "warning"]
+    with _served_command(*options, "--http", http, "--max-log", "4", "--hang", "0.2") as client:
+        created = client.post("/hospitals/", json={**ROW, "creation_batch_id": BATCH.upper()})
+        listed = client.get(f"/hospitals/batch/{BATCH}")
+        client.post("/__fake__/inject", json={"fault": "reset_after_commit"})
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            client.post("/hospitals/", json=ROW)
+        client.post("/__fake__/inject", json={"fault": "timeout_after_commit"})
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/hospitals/", json=ROW, timeout=0.05)
+        late = client.post("/hospitals/", json=ROW)
+        activated = client.patch(f"/hospitals/batch/{BATCH}/activate")
+        state = client.get("/__fake__/state").json()
+    assert created.status_code == 200
+    assert [h["name"] for h in listed.json()] == ["General"]
+    assert late.status_code == 200
+    assert activated.json()["activated_count"] == 1
+    assert len(state["hospitals"]) == 4
+    # Six requests were recorded (control requests never are); the log keeps the last four.
+    assert state["requests_dropped"] == 2
+    assert [(r["route"], r["status"], r["committed"]) for r in state["requests"]] == [
+        ("create", None, True),  # reset after commit
+        ("create", None, True),  # timed out after commit; the client went away
+        ("create", 200, True),
+        ("batch_activate", 200, True),
+    ]
+
+
+def test_command_line_http_httptools_needs_httptools(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name == "httptools" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SystemExit) as exited:
+        testing.main(["--http", "httptools"])
+    assert exited.value.code == 2
+    assert "--http httptools needs httptools: pip install httptools" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("log_level", "access_log"),
+    [("warning", False), ("error", False), ("info", True), ("debug", True), ("trace", True)],
+)
+def test_serve_passes_the_http_choice_and_skips_an_access_log_nobody_sees(
+    monkeypatch: pytest.MonkeyPatch, log_level: str, access_log: bool
+) -> None:
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(_fake, "_DropSimulatedResets", lambda: logging.Filter())
+    _fake.serve(FakeDirectory(), port=1, log_level=log_level, http="h11")
+    assert [(c["http"], c["log_level"], c["access_log"]) for c in calls] == [
+        ("h11", log_level, access_log)
+    ]

@@ -95,6 +95,8 @@ ProgressCallback = Callable[[JobSnapshot], Awaitable[None] | None]
 _EXISTS = frozenset({RowState.CREATED, RowState.CREATED_AND_ACTIVATED})
 _AUDITED = frozenset({RowState.CREATED, RowState.UNKNOWN, RowState.PENDING})
 _LOST = "no longer upstream (the upstream lost it); sent again"
+# How long a known outcome may wait for another worker's write before it is written alone.
+_DEFER_FOR = 0.02
 # Audit-and-send rounds of one run before the job gives up as partially failed.
 _MAX_ROUNDS = 5
 _RUNNING = frozenset({JobStatus.RUNNING, JobStatus.ACTIVATING})
@@ -127,18 +129,46 @@ class _RowWriter:
     """Writes rows of one run, combining the writes of workers that save at the same time.
 
     While one write is under way, the rows other workers save gather; the next write takes
-    them all, so many requests in flight cost few store round trips. A caller returns once a
-    write holding its rows succeeded, and raises that write's error if it failed. A write that
-    is cancelled puts its rows back for the next one.
+    them all, so many requests in flight cost few store round trips. A caller of `save`
+    returns once a write holding its rows succeeded, and raises that write's error if it
+    failed. A write that is cancelled puts its rows back for the next one.
+
+    A row whose outcome is known is `defer`-red instead: it goes out with the next write any
+    worker makes (the next row's ``in_flight`` mark, which must be stored before its request
+    leaves), or with `flush`; its callback (the row's event) runs once it is stored. Until
+    then the store holds the row ``in_flight``, which a crash turns into ``unknown``, to be
+    settled by reading its batch back: the same as a crash just after the request.
     """
 
     def __init__(self, write: Callable[[list[JobRow]], Awaitable[None]]) -> None:
         self._write = write
         self._pending: list[JobRow] = []
+        self._callbacks: list[Callable[[], Awaitable[None]]] = []
         self._lock = anyio.Lock()
         self._started = 0
         self._finished = 0
         self._errors: dict[int, Exception] = {}
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows wait to be written."""
+        return bool(self._pending)
+
+    def defer(self, row: JobRow, stored: Callable[[], Awaitable[None]]) -> None:
+        """Write `row` with the next write; await `stored()` once it is written."""
+        self._pending.append(row)
+        self._callbacks.append(stored)
+
+    def take_deferred(self) -> list[Callable[[], Awaitable[None]]]:
+        """Drop the rows waiting (their caller writes every row itself); return callbacks."""
+        callbacks, self._callbacks = self._callbacks, []
+        self._pending = []
+        return callbacks
+
+    async def flush(self) -> None:
+        """Write the rows waiting, if any."""
+        if self._pending:
+            await self.save(())
 
     async def save(self, rows: Sequence[JobRow]) -> None:
         self._pending.extend(rows)
@@ -150,6 +180,7 @@ class _RowWriter:
                     raise error
                 return
             batch, self._pending = self._pending, []
+            callbacks, self._callbacks = self._callbacks, []
             self._started += 1
             try:
                 await self._write(batch)
@@ -159,9 +190,12 @@ class _RowWriter:
                 raise
             except BaseException:
                 self._pending[:0] = batch
+                self._callbacks[:0] = callbacks
                 self._started -= 1
                 raise
             self._finished = self._started
+        for stored in callbacks:
+            await stored()
 
 
 @dataclasses.dataclass(slots=True)
@@ -947,8 +981,7 @@ class AsyncBulkProcessor:
         run.saved(rows)
         await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
 
-    async def _save_row(self, run: _Run, row: JobRow) -> None:
-        """Save one row a sending worker changed, in a write shared with the other workers."""
+    def _writer(self, run: _Run) -> _RowWriter:
         if run.rows is None:
             job_id = run.job.job_id
 
@@ -957,7 +990,36 @@ class AsyncBulkProcessor:
                 run.saved(rows)  # counted once stored, as snapshots count
 
             run.rows = _RowWriter(write)
-        await run.rows.save((row,))
+        return run.rows
+
+    async def _save_row(self, run: _Run, row: JobRow) -> None:
+        """Save one row a sending worker changed, in a write shared with the other workers."""
+        await self._writer(run).save((row,))
+
+    def _defer_row(self, run: _Run, row: JobRow, kind: str, message: str | None) -> None:
+        """Have a row's outcome written with the next write, and its event sent after it."""
+
+        async def stored() -> None:
+            await self._emit(run, kind, row=row.row, message=message)
+
+        self._writer(run).defer(row, stored)
+
+    async def _flush_while_sending(self, run: _Run, done: anyio.Event) -> None:
+        """Write deferred outcomes that no worker's next write took within a short while.
+
+        Workers that wait (for the rate limit, an open breaker) make no writes; their rows'
+        outcomes and events are not held back longer than `_DEFER_FOR`.
+        """
+        writer = self._writer(run)
+        while not done.is_set():
+            with anyio.move_on_after(_DEFER_FOR):
+                await done.wait()
+            try:
+                await writer.flush()
+            except LeaseLostError:
+                run.lost = True
+                run.scope.cancel()
+                return
 
     async def _save_job(self, run: _Run) -> None:
         await self._jobs.save_job(run.job, token=run.token)
@@ -1013,9 +1075,15 @@ class AsyncBulkProcessor:
         if not rows:
             return
         pending = iter(rows)
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(self.settings.concurrency, len(rows))):
-                tg.start_soon(self._worker, run, pending)
+        done = anyio.Event()
+        async with anyio.create_task_group() as flushing:
+            flushing.start_soon(self._flush_while_sending, run, done)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(min(self.settings.concurrency, len(rows))):
+                        tg.start_soon(self._worker, run, pending)
+            finally:
+                done.set()
 
     async def _audit(self, run: _Run) -> bool:
         """Read back every batch not yet active and make it match the job's rows.
@@ -1173,8 +1241,7 @@ class AsyncBulkProcessor:
             row.state, row.error, row.hospital_id = RowState.CREATED, None, hospital.id
             kind, message = "row_created", None
             logger.debug("Hospital created successfully: %s (ID: %d)", row.name, hospital.id)
-        await self._save_row(run, row)
-        await self._emit(run, kind, row=row.row, message=message)
+        self._defer_row(run, row, kind, message)
 
     async def _guarded(self, attempt: Callable[[], Awaitable[_T]], run: _Run | None) -> _T:
         """One request through the retry policy, the breaker accounting included."""
@@ -1322,8 +1389,12 @@ class AsyncBulkProcessor:
         job.status, job.error, job.finished_at = status, error, now
         job.processing_seconds += time.monotonic() - run.started
         run.started = time.monotonic()
+        # Outcomes still waiting for a write go out with every row now; their events follow.
+        deferred = run.rows.take_deferred() if run.rows is not None else []
         await self._save_rows(run, job.rows)
         await self._save_job(run)
+        for stored in deferred:
+            await stored()
         level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
         logger.log(level, "Job %s %s%s", job.job_id, status.value, f": {error}" if error else "")
         await self._emit(run, "job_finished", message=error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 
 import anyio
 import httpx
@@ -830,3 +831,57 @@ async def test_a_cancelled_write_leaves_its_rows_to_the_next_one():
         tg.cancel_scope.cancel()
     await writer.save([rows[1]])
     assert writes == [[], [0, 1]]
+
+
+async def test_deferred_outcomes_go_out_with_the_next_write_or_on_flush_then_their_callbacks():
+    from hospital_bulk._processor import _RowWriter
+
+    writes: list[list[int]] = []
+    events: list[str] = []
+
+    async def write(rows):
+        writes.append([r.index for r in rows])
+
+    writer = _RowWriter(write)
+    rows = _rows(4)
+
+    async def stored(name):
+        events.append(name)
+
+    writer.defer(rows[0], lambda: stored("row 0 stored"))
+    writer.defer(rows[1], lambda: stored("row 1 stored"))
+    assert writer.deferred
+    assert writes == []  # nothing written yet, no event sent
+    await writer.save([rows[2]])  # the next in-flight mark takes them along
+    assert writes == [[0, 1, 2]]
+    assert events == ["row 0 stored", "row 1 stored"]
+    writer.defer(rows[3], lambda: stored("row 3 stored"))
+    await writer.flush()
+    await writer.flush()  # nothing waits: no write
+    assert writes == [[0, 1, 2], [3]]
+    assert events[-1] == "row 3 stored"
+    writer.defer(rows[0], lambda: stored("dropped"))
+    callbacks = writer.take_deferred()
+    assert not writer.deferred
+    assert len(callbacks) == 1
+
+
+async def test_an_outcome_is_stored_and_announced_soon_while_every_worker_waits(fake):
+    # One worker waits for the rate limit after its first create: no later write carries the
+    # first row's outcome, which the flusher writes (and announces) within a short while.
+    seen: list[tuple[str, float]] = []
+    start = 0.0
+
+    async def on_event(snapshot):
+        seen.append((snapshot.counts[RowState.CREATED], time.monotonic() - start))
+
+    async with processor(fake, create_rate="1/2 seconds", rate_margin=0, concurrency=1) as p:
+        start = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: p.process(csv_bytes(2), on_progress=on_event))
+            with anyio.fail_after(5):
+                while not any(created == 1 for created, _ in seen):
+                    await anyio.sleep(0.01)
+            first = next(at for created, at in seen if created == 1)
+            assert first < 1.0  # not held until the second create, 2 s later
+            tg.cancel_scope.cancel()

@@ -148,6 +148,7 @@ class _RowWriter:
         self._started = 0
         self._finished = 0
         self._errors: dict[int, Exception] = {}
+        self._wake = anyio.Event()
 
     @property
     def deferred(self) -> bool:
@@ -158,6 +159,17 @@ class _RowWriter:
         """Write `row` with the next write; await `stored()` once it is written."""
         self._pending.append(row)
         self._callbacks.append(stored)
+        self._wake.set()
+
+    async def wait_deferred(self) -> None:
+        """Return once rows wait to be written, or `wake` is called."""
+        if not self._pending:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    def wake(self) -> None:
+        """End a `wait_deferred` now."""
+        self._wake.set()
 
     def take_deferred(self) -> list[Callable[[], Awaitable[None]]]:
         """Drop the rows waiting (their caller writes every row itself); return callbacks."""
@@ -1011,15 +1023,16 @@ class AsyncBulkProcessor:
         outcomes and events are not held back longer than `_DEFER_FOR`.
         """
         writer = self._writer(run)
-        while not done.is_set():
-            with anyio.move_on_after(_DEFER_FOR):
-                await done.wait()
-            try:
+        try:
+            while not done.is_set():
+                await writer.wait_deferred()
+                with anyio.move_on_after(_DEFER_FOR):
+                    await done.wait()
                 await writer.flush()
-            except LeaseLostError:
-                run.lost = True
-                run.scope.cancel()
-                return
+            await writer.flush()  # what the last workers left
+        except LeaseLostError:
+            run.lost = True
+            run.scope.cancel()
 
     async def _save_job(self, run: _Run) -> None:
         await self._jobs.save_job(run.job, token=run.token)
@@ -1084,6 +1097,7 @@ class AsyncBulkProcessor:
                         tg.start_soon(self._worker, run, pending)
             finally:
                 done.set()
+                self._writer(run).wake()
 
     async def _audit(self, run: _Run) -> bool:
         """Read back every batch not yet active and make it match the job's rows.

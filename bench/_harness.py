@@ -7,7 +7,10 @@ name from the scripts' own folder.
 
 from __future__ import annotations
 
+import asyncio
+import cProfile
 import csv
+import gc
 import io
 import json
 import os
@@ -20,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -244,19 +247,50 @@ async def bare_job(url: str, data: bytes, in_flight: int, clients: int) -> None:
         async with anyio.create_task_group() as tg:
             for n in range(min(in_flight, len(rows))):
                 tg.start_soon(worker, pool[n % clients])
-        sizes = {}
-        for batch in batches:  # the audit: read every batch back
-            response = await first.get(f"/hospitals/batch/{batch}")
-            response.raise_for_status()
-            sizes[batch] = len(response.json())
-        for batch in batches:
-            response = await first.patch(f"/hospitals/batch/{batch}/activate")
-            response.raise_for_status()
-            if response.json()["activated_count"] != sizes[batch]:
-                raise RuntimeError(f"batch {batch}: activated count differs")
+        await audit_and_activate(first, batches)
     finally:
         for client in pool:
             await client.aclose()
+
+
+async def audit_and_activate(client: httpx.AsyncClient, batches: list[uuid.UUID]) -> None:
+    """What the processor does once every row is sent: read every batch back, activate it."""
+    sizes = {}
+    for batch in batches:
+        response = await client.get(f"/hospitals/batch/{batch}")
+        response.raise_for_status()
+        sizes[batch] = len(response.json())
+    for batch in batches:
+        response = await client.patch(f"/hospitals/batch/{batch}/activate")
+        response.raise_for_status()
+        if response.json()["activated_count"] != sizes[batch]:
+            raise RuntimeError(f"batch {batch}: the activated count differs")
+
+
+def timed(
+    job: Callable[[], Coroutine[Any, Any, Any]],
+    fake_pid: int,
+    redis_url: str | None = None,
+    profile: cProfile.Profile | None = None,
+) -> dict[str, float]:
+    """Run `asyncio.run(job())`; its wall time and this process's CPU, the fake's, Redis's."""
+    gc.collect()
+    redis0 = redis_cpu(redis_url) if redis_url else 0.0
+    fake0 = proc_cpu(fake_pid)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    if profile is not None:
+        profile.enable()
+    asyncio.run(job())
+    if profile is not None:
+        profile.disable()
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "fake_cpu_s": proc_cpu(fake_pid) - fake0,
+        "redis_cpu_s": redis_cpu(redis_url) - redis0 if redis_url else 0.0,
+    }
 
 
 async def processor_job(url: str, data: bytes, in_flight: int, **backend: Any) -> None:

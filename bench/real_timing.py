@@ -188,16 +188,7 @@ async def bare_job(url: str, data: bytes, epsilon: float) -> dict[str, Any]:
                 waves.append(time.monotonic())
                 for position in range(first, min(first + CREATES_PER_WINDOW, len(rows))):
                     tg.start_soon(create, position)
-        sizes: dict[uuid.UUID, int] = {}
-        for batch in batches:
-            response = await client.get(f"/hospitals/batch/{batch}")
-            response.raise_for_status()
-            sizes[batch] = len(response.json())
-        for batch in batches:
-            response = await client.patch(f"/hospitals/batch/{batch}/activate")
-            response.raise_for_status()
-            if response.json()["activated_count"] != sizes[batch]:
-                raise RuntimeError(f"batch {batch}: the activated count differs")
+        await _harness.audit_and_activate(client, batches)
     return {"waves_left_at": waves}
 
 

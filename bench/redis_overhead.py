@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import hashlib
 import io
 import json
@@ -204,22 +203,12 @@ class Bench:
         _harness.fake_control(self.url, "reset")
         job, prefix = self.job(variant)
         try:
-            gc.collect()
-            redis_cpu0 = _harness.redis_cpu(self.args.redis_url)
-            fake0 = _harness.proc_cpu(self.fake.pid)
-            wall0, cpu0 = time.perf_counter(), time.process_time()
-            if profile is not None:
-                profile.enable()
-            asyncio.run(job())
-            if profile is not None:
-                profile.disable()
-            wall = time.perf_counter() - wall0
-            cpu = time.process_time() - cpu0
-            fake_cpu = _harness.proc_cpu(self.fake.pid) - fake0
-            redis_cpu = _harness.redis_cpu(self.args.redis_url) - redis_cpu0
+            times = _harness.timed(job, self.fake.pid, self.args.redis_url, profile)
         finally:
             if prefix is not None:
                 _harness.delete_prefix(self.args.redis_url, prefix)
+        wall, cpu = times["wall_s"], times["cpu_s"]
+        fake_cpu, redis_cpu = times["fake_cpu_s"], times["redis_cpu_s"]
         requests = _harness.check_upstream(self.url, self.args.rows)
         previous = self.requests.setdefault(variant, requests)
         if previous != requests:

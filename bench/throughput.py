@@ -40,9 +40,7 @@ Writes ``bench/results/throughput.json`` and ``bench/results/throughput.md`` by 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
-import gc
 import io
 import os
 import pstats
@@ -105,22 +103,12 @@ class Bench:
         _harness.fake_control(self.url, "reset")
         job, prefix = self.job(variant, in_flight)
         try:
-            gc.collect()
-            redis0 = _harness.redis_cpu(redis_url) if prefix else 0.0
-            fake0 = _harness.proc_cpu(self.fake.pid)
-            wall0, cpu0 = time.perf_counter(), time.process_time()
-            if profile is not None:
-                profile.enable()
-            asyncio.run(job())
-            if profile is not None:
-                profile.disable()
-            wall = time.perf_counter() - wall0
-            cpu = time.process_time() - cpu0
-            fake_cpu = _harness.proc_cpu(self.fake.pid) - fake0
-            redis_server = _harness.redis_cpu(redis_url) - redis0 if prefix else 0.0
+            times = _harness.timed(job, self.fake.pid, redis_url if prefix else None, profile)
         finally:
             if prefix is not None:
                 _harness.delete_prefix(redis_url, prefix)
+        wall, cpu = times["wall_s"], times["cpu_s"]
+        fake_cpu, redis_server = times["fake_cpu_s"], times["redis_cpu_s"]
         requests = _harness.check_upstream(self.url, self.args.rows)
         if self.requests is None:
             self.requests = requests

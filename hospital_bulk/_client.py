@@ -1,8 +1,9 @@
 """`HospitalDirectoryClient`: the Hospital Directory API, exactly as it behaves.
 
-One method per endpoint of the upstream contract, on one pooled `httpx.AsyncClient`, with the
-exact paths (a trailing slash on ``/hospitals/`` only), redirects off, and every failure turned
-into one exception of the library's tree carrying the request's outcome class:
+One method per endpoint of the upstream contract, on pooled `httpx.AsyncClient`s (at most 8
+connections each, see `_lane_limits`), with the exact paths (a trailing slash on
+``/hospitals/`` only), redirects off, and every failure turned into one exception of the
+library's tree carrying the request's outcome class:
 
 | what happened                                           | exception               | outcome      |
 |---------------------------------------------------------|-------------------------|--------------|
@@ -103,8 +104,9 @@ class HospitalDirectoryClient:
         connect_timeout: The connect timeout in seconds, when `timeout` is a number.
         headers: Extra headers sent with every request (e.g. an API key). Never logged.
         auth: An httpx authentication (e.g. ``("user", "secret")`` or an `httpx.Auth`).
-        limits: Connection pool limits; by default enough keep-alive connections for the
-            upstream's batch of 20 concurrent creates.
+        limits: Connection limits in all (default 40 connections), spread over httpx
+            clients of at most 8 connections each: one large httpx pool costs more CPU per
+            request the more connections it holds.
         transport: An httpx transport to send through instead of the network (for example
             the fake upstream's `hospital_bulk.testing.FakeDirectory.transport`).
         http_client: A ready `httpx.AsyncClient` to use as it is. Its base URL is ignored,

@@ -70,3 +70,11 @@ def test_real_timing_runs_with_a_short_create_latency(tmp_path):
     assert scenario["goal"]["max_ratio"] == 1.15
     assert scenario["reference"]["create_s"] >= 0.2
     assert "| rows |" in out.with_suffix(".md").read_text()
+
+
+def test_the_summary_states_every_goal_from_the_committed_reports(tmp_path):
+    out = tmp_path / "summary.md"
+    run_bench("summary.py", "--out", str(out))
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 + 6  # header, alignment, one row per goal
+    assert all(line.endswith(("| met |", "| **not met** |")) for line in lines[2:])

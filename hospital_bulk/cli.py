@@ -876,8 +876,10 @@ def _cmd_fake_upstream(args: argparse.Namespace) -> int:
     # The options, the fake they build and the server are those of `python -m
     # hospital_bulk.testing` (its parser is this command's parent).
     from ._fake import serve
-    from .testing import _build_fake
+    from .testing import _build_fake, _missing_parser
 
+    if missing := _missing_parser(args.http):
+        return _fail(missing, EXIT_INVALID)
     routes = None
     if args.fault_routes:
         routes = frozenset(name.strip() for name in args.fault_routes.split(",") if name.strip())
@@ -893,7 +895,7 @@ def _cmd_fake_upstream(args: argparse.Namespace) -> int:
         f"seed {fake.seed}; Ctrl-C stops it"
     )
     try:
-        serve(fake, host=args.host, port=args.port, log_level=args.log_level)
+        serve(fake, host=args.host, port=args.port, log_level=args.log_level, http=args.http)
     except ImportError as exc:  # uvicorn is not installed
         return _fail(str(exc), EXIT_INVALID)
     except SystemExit:  # uvicorn could not start (e.g. the port is taken) and logged why

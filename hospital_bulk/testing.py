@@ -123,7 +123,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--hang", type=float, default=30.0, help="seconds a timed-out request is held (30)"
     )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (info)")
+    parser.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="uvicorn's HTTP parser (auto: httptools when installed, else h11; httptools "
+        "costs the fake less CPU per request)",
+    )
     return parser
+
+
+def _missing_parser(http: str) -> str | None:
+    """Why the HTTP parser asked for cannot be used, or ``None``."""
+    if http == "httptools" and importlib.util.find_spec("httptools") is None:
+        return "--http httptools needs httptools: pip install httptools"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,13 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit status.
     """
     parser = _build_parser()
-    parser.add_argument(
-        "--http",
-        choices=("auto", "h11", "httptools"),
-        default="auto",
-        help="uvicorn's HTTP parser (auto: httptools when installed, else h11; httptools "
-        "costs the fake less CPU per request)",
-    )
     args = parser.parse_args(argv)
     routes = None
     if args.fault_routes:
@@ -152,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fake = _build_fake(args, routes, limits)
     except ConfigurationError as exc:
         parser.error(str(exc))
-    if args.http == "httptools" and importlib.util.find_spec("httptools") is None:
-        parser.error("--http httptools needs httptools: pip install httptools")
+    if missing := _missing_parser(args.http):
+        parser.error(missing)
     print(
         f"hospital_bulk fake upstream on http://{args.host}:{args.port} (seed {fake.seed})",
         file=sys.stderr,

@@ -838,6 +838,7 @@ def test_fake_upstream_serves_with_its_options_until_ctrl_c(sample_file, monkeyp
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     options = ["--create-latency", "0", "--no-rate-limits", "--batch-cap", "5", "--seed", "7"]
+    options += ["--http", "h11"]
     process = subprocess.Popen(
         [sys.executable, "-m", "hospital_bulk", "fake-upstream", "--port", str(port), *options],
         stdout=subprocess.PIPE,
@@ -892,3 +893,28 @@ def test_fake_upstream_on_a_taken_port_exits_3(monkeypatch):
 def test_fake_upstream_wrong_options_are_one_error_line(options, named, capsys):
     assert main(["fake-upstream", *options]) == 2
     assert named in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("http", ["auto", "h11", "httptools"])
+def test_fake_upstream_passes_its_http_parser_to_the_server(http, monkeypatch):
+    import hospital_bulk._fake as fake_module
+
+    blank_environment(monkeypatch)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(fake_module, "serve", lambda fake, **options: seen.update(options))
+    assert main(["fake-upstream", "--port", "0", "--http", http]) == 0
+    assert seen["http"] == http
+
+
+def test_fake_upstream_with_httptools_missing_exits_2(monkeypatch, capsys):
+    import importlib.util
+
+    blank_environment(monkeypatch)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, package=None: None if name == "httptools" else real_find_spec(name, package),
+    )
+    assert main(["fake-upstream", "--http", "httptools"]) == 2
+    assert "--http httptools needs httptools" in capsys.readouterr().err

@@ -234,12 +234,7 @@ async def bare_job(url: str, data: bytes, in_flight: int, clients: int) -> None:
 
         async def worker(client: httpx.AsyncClient) -> None:
             for position, row in pending:
-                body = {
-                    "name": row["name"],
-                    "address": row["address"],
-                    "phone": row["phone"] or None,
-                    "creation_batch_id": str(batches[position // BATCH]),
-                }
+                body = create_body(row, batches[position // BATCH])
                 response = await client.post("/hospitals/", json=body)
                 response.raise_for_status()
                 response.json()
@@ -251,6 +246,16 @@ async def bare_job(url: str, data: bytes, in_flight: int, clients: int) -> None:
     finally:
         for client in pool:
             await client.aclose()
+
+
+def create_body(row: dict[str, str], batch: uuid.UUID) -> dict[str, str | None]:
+    """The body of ``POST /hospitals/`` for a CSV row (``csv.DictReader``) in a batch."""
+    return {
+        "name": row["name"],
+        "address": row["address"],
+        "phone": row["phone"] or None,
+        "creation_batch_id": str(batch),
+    }
 
 
 async def audit_and_activate(client: httpx.AsyncClient, batches: list[uuid.UUID]) -> None:

@@ -167,13 +167,7 @@ async def bare_job(url: str, data: bytes, epsilon: float) -> dict[str, Any]:
         (await client.get("/", timeout=120.0)).raise_for_status()
 
         async def create(position: int) -> None:
-            row = rows[position]
-            body = {
-                "name": row["name"],
-                "address": row["address"],
-                "phone": row["phone"] or None,
-                "creation_batch_id": str(batches[position // BATCH_CAP]),
-            }
+            body = _harness.create_body(rows[position], batches[position // BATCH_CAP])
             response = await client.post("/hospitals/", json=body)
             if response.status_code == 429:
                 raise RuntimeError(

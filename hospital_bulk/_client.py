@@ -137,7 +137,6 @@ class HospitalDirectoryClient:
                     "http_client must not follow redirects: a redirect from the Hospital "
                     "Directory API means a wrong path and must be seen, not followed"
                 )
-            self._http = http_client
             self._lanes = [http_client]
             self._owns_http = False
         else:
@@ -161,7 +160,6 @@ class HospitalDirectoryClient:
             if transport is None:
                 for lane_client in self._lanes:
                     _check_idle_connections_cheaply(lane_client)
-            self._http = self._lanes[0]
             self._owns_http = True
         self._busy = [0] * len(self._lanes)
         self._warm_lock = anyio.Lock()

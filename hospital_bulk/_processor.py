@@ -179,7 +179,7 @@ class _RowWriter:
 
     async def flush(self) -> None:
         """Write the rows waiting, if any."""
-        if self._pending:
+        if self.deferred:
             await self.save(())
 
     async def save(self, rows: Sequence[JobRow]) -> None:

@@ -382,9 +382,9 @@ async def test_a_redirect_following_http_client_is_refused():
 
 async def test_default_timeouts_are_connect_10_read_30():
     async with HospitalDirectoryClient(BASE) as c:
-        timeout = c._http.timeout
-    assert (timeout.connect, timeout.read) == (10.0, 30.0)
-    assert c._http.is_closed
+        timeouts = {(lane.timeout.connect, lane.timeout.read) for lane in c._lanes}
+    assert timeouts == {(10.0, 30.0)}
+    assert all(lane.is_closed for lane in c._lanes)
 
 
 async def test_an_injected_http_client_is_left_open(api):

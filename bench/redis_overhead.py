@@ -38,16 +38,12 @@ import argparse
 import asyncio
 import cProfile
 import hashlib
-import io
 import json
-import os
-import pstats
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -62,7 +58,7 @@ from hospital_bulk.backends import redis as redis_backend
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "redis_overhead.json"
 VARIANTS = ("bare", "memory", "redis")
-LABELS = {"bare": "bare httpx", "memory": "processor, memory", "redis": "processor, Redis"}
+LABELS = _harness.VARIANT_LABELS
 # A budget the limiter never waits for (and `rate_margin=0`).
 UNLIMITED = _harness.UNLIMITED
 BATCH = _harness.BATCH
@@ -170,74 +166,25 @@ def _commandstats(redis_url: str) -> dict[str, int]:
 # -- running ---------------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(_harness.JobBench):
     def __init__(self, args: argparse.Namespace, url: str, fake: subprocess.Popen[bytes]) -> None:
-        self.args = args
-        self.url = url
-        self.fake = fake
-        self.data = _harness.make_csv(args.rows)
-        self.base_prefix = f"bench-redis-overhead-{uuid.uuid4().hex[:12]}"
-        self.serial = 0
-        self.requests: dict[str, dict[str, int]] = {}
-
-    def job(self, variant: str) -> tuple[Callable[[], Coroutine[Any, Any, None]], str | None]:
-        args = self.args
-        if variant == "bare":
-            return (lambda: _harness.bare_job(self.url, self.data, args.concurrency, 1)), None
-        if variant == "memory":
-            return (lambda: _harness.processor_job(self.url, self.data, args.concurrency)), None
-        self.serial += 1
-        prefix = f"{self.base_prefix}-{self.serial}"
-        return (
-            lambda: _harness.processor_job(
-                self.url,
-                self.data,
-                args.concurrency,
-                backend=args.redis_url,
-                redis_prefix=prefix,
-            )
-        ), prefix
-
-    def run(self, variant: str, *, profile: cProfile.Profile | None = None) -> dict[str, Any]:
-        """One timed run of one variant, checked at the upstream afterwards."""
-        _harness.fake_control(self.url, "reset")
-        job, prefix = self.job(variant)
-        try:
-            times = _harness.timed(job, self.fake.pid, self.args.redis_url, profile)
-        finally:
-            if prefix is not None:
-                _harness.delete_prefix(self.args.redis_url, prefix)
-        wall, cpu = times["wall_s"], times["cpu_s"]
-        fake_cpu, redis_cpu = times["fake_cpu_s"], times["redis_cpu_s"]
-        requests = _harness.check_upstream(self.url, self.args.rows)
-        previous = self.requests.setdefault(variant, requests)
-        if previous != requests:
-            raise RuntimeError(f"{variant}: the requests differ between runs")
-        rows = self.args.rows
-        return {
-            "load_average_1min": os.getloadavg()[0],
-            "wall_s": wall,
-            "rows_per_s": rows / wall,
-            "cpu_s": cpu,
-            "cpu_us_per_row": cpu / rows * 1e6,
-            "fake_cpu_us_per_row": fake_cpu / rows * 1e6,
-            "redis_server_cpu_us_per_row": redis_cpu / rows * 1e6,
-        }
+        super().__init__("redis-overhead", url, fake, args.rows, args.redis_url)
+        self.concurrency = args.concurrency
 
     def count_round_trips(self) -> dict[str, Any]:
         """One untimed Redis run with every round trip counted."""
         _harness.fake_control(self.url, "reset")
-        job, prefix = self.job("redis")
+        job, prefix = self.job("redis", self.concurrency)
         assert prefix is not None
-        before = _commandstats(self.args.redis_url)
+        before = _commandstats(self.redis_url)
         try:
             with counting_round_trips() as counts:
                 asyncio.run(job())
         finally:
-            after = _commandstats(self.args.redis_url)
-            _harness.delete_prefix(self.args.redis_url, prefix)
-        _harness.check_upstream(self.url, self.args.rows)
-        rows = self.args.rows
+            after = _commandstats(self.redis_url)
+            _harness.delete_prefix(self.redis_url, prefix)
+        _harness.check_upstream(self.url, self.rows)
+        rows = self.rows
         batches = -(-rows // BATCH)
         commands = {
             name: after[name] - before.get(name, 0)
@@ -330,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, url, fake)
         for n in range(args.warmup):
             for variant in variants:
-                bench.run(variant)
+                bench.run(variant, args.concurrency)
                 print(f"warm-up {n + 1}: {variant}", file=sys.stderr)
         for n in range(args.repeat):
             order = variants[n % len(variants) :] + variants[: n % len(variants)]
             for variant in order:
-                run = bench.run(variant)
+                run = bench.run(variant, args.concurrency)
                 runs[variant].append(run)
                 print(
                     f"run {n + 1}: {variant:7} {run['wall_s']:6.2f} s "
@@ -346,20 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             round_trips = bench.count_round_trips()
         if args.profile is not None and "redis" in variants:
             profile = cProfile.Profile()
-            bench.run("redis", profile=profile)
+            bench.run("redis", args.concurrency, profile=profile)
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             profile.dump_stats(args.profile)
-            out = io.StringIO()
-            stats = pstats.Stats(profile, stream=out)
-            stats.sort_stats("tottime").print_stats(25)
-            stats.sort_stats("cumulative").print_stats(40)
-            profile_top = out.getvalue()
+            profile_top = _harness.profile_top(profile, 25, 40)
         requests = bench.requests
 
-    results: dict[str, Any] = {
-        v: {"runs": runs[v], "median": _harness.median_of(runs[v]), "min": _harness.min_of(runs[v])}
-        for v in variants
-    }
+    results: dict[str, Any] = {v: _harness.summarised(runs[v]) for v in variants}
     ratios: dict[str, float] = {}
     for stat in ("median", "min"):
         cpu = {v: results[v][stat]["cpu_us_per_row"] for v in variants}

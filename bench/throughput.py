@@ -41,91 +41,31 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import os
-import pstats
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import _harness
 
 VARIANTS = ("bare", "bare_split", "memory", "redis")
-LABELS = {
-    "bare": "bare httpx",
-    "bare_split": "bare httpx, split pool",
-    "memory": "processor, memory",
-    "redis": "processor, Redis",
-}
-SPLIT_CONNECTIONS = 8
+LABELS = _harness.VARIANT_LABELS
 BATCH = _harness.BATCH
 
 
-class Bench:
+class Bench(_harness.JobBench):
     def __init__(self, args: argparse.Namespace, url: str, fake: subprocess.Popen[bytes]) -> None:
-        self.args = args
-        self.url = url
-        self.fake = fake
-        self.data = _harness.make_csv(args.rows)
-        self.base_prefix = f"bench-throughput-{uuid.uuid4().hex[:12]}"
-        self.serial = 0
-        self.requests: dict[str, int] | None = None
-
-    def job(
-        self, variant: str, in_flight: int
-    ) -> tuple[Callable[[], Coroutine[Any, Any, None]], str | None]:
-        url, data = self.url, self.data
-        if variant == "bare":
-            return (lambda: _harness.bare_job(url, data, in_flight, 1)), None
-        if variant == "bare_split":
-            clients = -(-in_flight // SPLIT_CONNECTIONS)
-            return (lambda: _harness.bare_job(url, data, in_flight, clients)), None
-        if variant == "memory":
-            return (lambda: _harness.processor_job(url, data, in_flight)), None
-        self.serial += 1
-        prefix = f"{self.base_prefix}-{self.serial}"
-        redis_url = self.args.redis_url
-        return (
-            lambda: _harness.processor_job(
-                url, data, in_flight, backend=redis_url, redis_prefix=prefix
-            )
-        ), prefix
+        super().__init__("throughput", url, fake, args.rows, args.redis_url)
+        self.latency = args.latency
 
     def run(
         self, variant: str, in_flight: int, *, profile: cProfile.Profile | None = None
     ) -> dict[str, Any]:
-        """One timed run of one variant, checked at the upstream afterwards."""
-        redis_url = self.args.redis_url
-        _harness.fake_control(self.url, "reset")
-        job, prefix = self.job(variant, in_flight)
-        try:
-            times = _harness.timed(job, self.fake.pid, redis_url if prefix else None, profile)
-        finally:
-            if prefix is not None:
-                _harness.delete_prefix(redis_url, prefix)
-        wall, cpu = times["wall_s"], times["cpu_s"]
-        fake_cpu, redis_server = times["fake_cpu_s"], times["redis_cpu_s"]
-        requests = _harness.check_upstream(self.url, self.args.rows)
-        if self.requests is None:
-            self.requests = requests
-        elif self.requests != requests:
-            raise RuntimeError(f"{variant}: other requests than before: {requests}")
-        rows = self.args.rows
-        ideal = in_flight / self.args.latency
-        return {
-            "load_average_1min": os.getloadavg()[0],
-            "wall_s": wall,
-            "rows_per_s": rows / wall,
-            "of_ideal": rows / wall / ideal,
-            "cpu_s": cpu,
-            "cpu_us_per_row": cpu / rows * 1e6,
-            "fake_cpu_us_per_row": fake_cpu / rows * 1e6,
-            "redis_server_cpu_us_per_row": redis_server / rows * 1e6,
-        }
+        """One timed run, with its throughput's ratio to the ideal (in-flight / latency)."""
+        result = super().run(variant, in_flight, profile=profile)
+        result["of_ideal"] = result["rows_per_s"] / (in_flight / self.latency)
+        return result
 
 
 def ratios_of(results: dict[str, Any]) -> dict[str, float]:
@@ -231,24 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"CPU/row (load {run['load_average_1min']:.2f})",
                         file=sys.stderr,
                     )
-            results = {
-                v: {
-                    "runs": runs[v],
-                    "median": _harness.median_of(runs[v]),
-                    "min": _harness.min_of(runs[v]),
-                }
-                for v in variants
-            }
+            results = {v: _harness.summarised(runs[v]) for v in variants}
             levels[in_flight] = {"results": results, "ratios": ratios_of(results)}
         if args.profile:
             variant, _, level = args.profile.partition(":")
             profile = cProfile.Profile()
             bench.run(variant, int(level), profile=profile)
-            out = io.StringIO()
-            stats = pstats.Stats(profile, stream=out)
-            stats.sort_stats("tottime").print_stats(30)
-            stats.sort_stats("cumulative").print_stats(50)
-            profile_top = out.getvalue()
+            profile_top = _harness.profile_top(profile, 30, 50)
         requests = bench.requests
 
     report = {
@@ -262,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "in_flight": levels_wanted,
             "repeat": args.repeat,
             "warmup": args.warmup,
-            "split_pool_connections_per_client": SPLIT_CONNECTIONS,
+            "split_pool_connections_per_client": _harness.SPLIT_CONNECTIONS,
             "create_rate": _harness.UNLIMITED,
             "other_rate": _harness.UNLIMITED,
             "rate_margin": 0,

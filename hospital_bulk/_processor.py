@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -990,18 +991,12 @@ class AsyncBulkProcessor:
         raise BackendError(message) from exc
 
     async def _save_rows(self, run: _Run, rows: list[JobRow]) -> None:
-        run.saved(rows)
         await self._jobs.save_rows(run.job.job_id, rows, token=run.token)
+        run.saved(rows)  # counted once stored, as snapshots count
 
     def _writer(self, run: _Run) -> _RowWriter:
         if run.rows is None:
-            job_id = run.job.job_id
-
-            async def write(rows: list[JobRow]) -> None:
-                await self._jobs.save_rows(job_id, rows, token=run.token)
-                run.saved(rows)  # counted once stored, as snapshots count
-
-            run.rows = _RowWriter(write)
+            run.rows = _RowWriter(functools.partial(self._save_rows, run))
         return run.rows
 
     async def _save_row(self, run: _Run, row: JobRow) -> None:
